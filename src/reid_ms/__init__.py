@@ -1,0 +1,20 @@
+"""reid_ms: re-identification backbones and necks with one call signature.
+
+``VitTrans`` (TransReID's ViT) and ``ClipVisual`` (CLIP-ReID's visual encoder) take the same
+``forward(images, cam_label=None, view_label=None)`` and return every token; the necks take any width
+and any grid; ``build(name)`` assembles named backbone + neck + head models.
+"""
+
+from reid_ms.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    InputError,
+    ReidMsError,
+    UnsafeCheckpointError,
+)
+from reid_ms.weights._common import LoadReport
+
+__version__ = "0.1.0"
+
+# -- public API (each module adds its names below) --

@@ -1,0 +1,124 @@
+"""Pieces both backbones share: grid arithmetic, image checks and the camera/view (SIE) row lookup."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+
+from reid_ms.errors import ConfigError, InputError
+
+Label = Union[torch.Tensor, int, Sequence[int], None]
+
+
+def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """``16 -> (16, 16)``; ``(256, 128) -> (256, 128)``; anything else is a :class:`ConfigError`."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    raise ConfigError(f"{name} must be an int or a pair of ints (height, width), got {value!r}")
+
+
+def grid_size(img_size: tuple[int, int], patch_size: tuple[int, int], stride_size: tuple[int, int]) -> tuple[int, int]:
+    """Patch grid ``(H, W)`` of a strided, unpadded patch convolution: ``(img - patch) // stride + 1``."""
+    for what, val in (("img_size", img_size), ("patch_size", patch_size), ("stride_size", stride_size)):
+        if min(val) < 1:
+            raise ConfigError(f"{what} must be positive, got {val}")
+    if img_size[0] < patch_size[0] or img_size[1] < patch_size[1]:
+        raise ConfigError(f"img_size {img_size} is smaller than patch_size {patch_size}: no patch fits")
+    return tuple((i - p) // s + 1 for i, p, s in zip(img_size, patch_size, stride_size))  # type: ignore[return-value]
+
+
+def check_images(images: torch.Tensor, in_chans: int, img_size: tuple[int, int], owner: str) -> None:
+    """Raise :class:`InputError` unless ``images`` is a float ``[B, in_chans, *img_size]`` batch."""
+    if not isinstance(images, torch.Tensor):
+        raise InputError(f"{owner} expects a tensor of images [B, {in_chans}, {img_size[0]}, {img_size[1]}], "
+                         f"got {type(images).__name__}")
+    if images.dim() != 4:
+        raise InputError(f"{owner} expects images [B, C, H, W], got a {images.dim()}-D tensor of shape "
+                         f"{tuple(images.shape)}; add a batch dimension with images.unsqueeze(0)")
+    if not images.is_floating_point():
+        raise InputError(f"{owner} expects floating-point images (normalised), got dtype {images.dtype}; "
+                         f"convert with images.float() and normalise")
+    b, c, h, w = images.shape
+    if b == 0:
+        raise InputError(f"{owner} got an empty batch (shape {tuple(images.shape)})")
+    if c != in_chans:
+        raise InputError(f"{owner} was built with in_chans={in_chans}, got images with {c} channels "
+                         f"(shape {tuple(images.shape)})")
+    if (h, w) != tuple(img_size):
+        raise InputError(f"{owner} was built for images of {img_size[0]}x{img_size[1]}, got {h}x{w}; "
+                         f"resize the images or build the model with img_size=({h}, {w})")
+
+
+def side_info_rows(camera_num: int, view_num: int) -> int:
+    """Rows of the camera/view table: ``camera_num * view_num`` with both, else the one given, else 0."""
+    if camera_num < 0 or view_num < 0:
+        raise ConfigError(f"camera_num and view_num must be >= 0, got {camera_num} and {view_num}")
+    if camera_num > 0 and view_num > 0:
+        return camera_num * view_num
+    return max(camera_num, view_num)
+
+
+def _as_labels(label: Label, name: str, batch: int, device: torch.device) -> torch.Tensor:
+    if isinstance(label, torch.Tensor):
+        if label.is_floating_point() or label.is_complex() or label.dtype == torch.bool:
+            raise InputError(f"{name} must hold integer labels, got a tensor of dtype {label.dtype}; "
+                             f"pass {name}.long()")
+        label = label.to(device=device, dtype=torch.long)
+    elif isinstance(label, int) and not isinstance(label, bool):
+        label = torch.full((batch,), label, dtype=torch.long, device=device)
+    elif isinstance(label, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in label):
+        label = torch.tensor(list(label), dtype=torch.long, device=device)
+    else:
+        raise InputError(f"{name} must be an int, a sequence of ints or an integer tensor, got {label!r}")
+    if label.dim() == 0:
+        label = label.expand(batch)
+    if label.dim() != 1 or label.shape[0] != batch:
+        raise InputError(f"{name} must hold one label per image ({batch}), got shape {tuple(label.shape)}")
+    return label
+
+
+def _check_range(label: torch.Tensor, name: str, count: int, count_name: str) -> None:
+    # Reading the values back forces a sync (and a graph break under torch.compile), so compiled graphs
+    # skip it; eager calls, where users make their mistakes, always check.
+    if torch.compiler.is_compiling():
+        return
+    low, high = int(label.min()), int(label.max())
+    if low < 0 or high >= count:
+        raise InputError(f"{name} must lie in [0, {count - 1}] for a model built with {count_name}={count}, "
+                         f"got values from {low} to {high}; labels are 0-based")
+
+
+def side_info_index(
+    cam_label: Label, view_label: Label, camera_num: int, view_num: int, batch: int, device: torch.device,
+    owner: str,
+) -> torch.Tensor | None:
+    """Row of the camera/view table for each image, ``[B]`` long, or ``None`` for a model without a table.
+
+    With both tables the row is ``cam * view_num + view``; with one, that label (TransReID's SIE rule).
+    Labels a model needs but was not given, and labels it was not built for, are :class:`InputError`.
+    """
+    for label, name, num, num_name in ((cam_label, "cam_label", camera_num, "camera_num"),
+                                       (view_label, "view_label", view_num, "view_num")):
+        if num == 0 and label is not None:
+            raise InputError(f"{owner} was built with {num_name}=0 (no table for {name}) but got {name}; "
+                             f"build it with {num_name}=<number of {name.split('_')[0]}s> to use them, "
+                             f"or call it without {name}")
+        if num > 0 and label is None:
+            raise InputError(f"{owner} was built with {num_name}={num} and needs {name} "
+                             f"(one integer in [0, {num - 1}] per image)")
+    if camera_num == 0 and view_num == 0:
+        return None
+    cam = view = None
+    if camera_num > 0:
+        cam = _as_labels(cam_label, "cam_label", batch, device)
+        _check_range(cam, "cam_label", camera_num, "camera_num")
+    if view_num > 0:
+        view = _as_labels(view_label, "view_label", batch, device)
+        _check_range(view, "view_label", view_num, "view_num")
+    if cam is not None and view is not None:
+        return cam * view_num + view
+    return cam if cam is not None else view

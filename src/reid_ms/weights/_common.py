@@ -1,0 +1,103 @@
+"""What both weight loaders share: the load report, the position-grid resize and the all-or-nothing load."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reid_ms.errors import CheckpointError
+
+logger = logging.getLogger("reid_ms.weights")
+
+
+@dataclass
+class LoadReport:
+    """What a loader did with a checkpoint.
+
+    Attributes:
+        path: the file that was read.
+        format: its container (``torch.save``, ``npz``, ``safetensors``, ``torchscript``).
+        kind: the checkpoint family recognised from its keys (``imagenet``, ``deit``, ``transreid``, ...).
+        loaded: model keys filled from the file.
+        ignored: file keys not used, each with the reason (classifier heads, text tower, ...).
+        resized: model keys whose tensor was resized, with ``(old_shape, new_shape)``.
+        kept_init: model keys the file lacks that keep their initialisation (the camera/view table).
+    """
+
+    path: str
+    format: str
+    kind: str
+    loaded: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    resized: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    kept_init: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"{self.path}: {self.kind} checkpoint ({self.format}); loaded {len(self.loaded)} tensors"]
+        lines += [f"  resized {k}: {list(a)} -> {list(b)}" for k, (a, b) in self.resized.items()]
+        lines += [f"  kept initialisation: {k} (not in the file)" for k in self.kept_init]
+        if self.ignored:
+            shown = ", ".join(self.ignored[:8]) + (f", ... ({len(self.ignored)} in all)" if len(self.ignored) > 8 else "")
+            lines.append(f"  ignored: {shown}")
+        return "\n".join(lines)
+
+
+def square_side(count: int) -> int | None:
+    """``s`` when ``count == s * s``, else ``None``."""
+    side = math.isqrt(count)
+    return side if side * side == count else None
+
+
+def resize_pos_grid(grid: torch.Tensor, old_hw: tuple[int, int], new_hw: tuple[int, int]) -> torch.Tensor:
+    """Resize patch position embeddings ``[old_h * old_w, D]`` to ``[new_h * new_w, D]``.
+
+    Bilinear, ``align_corners=False``, no antialias, computed in float32: TransReID's and CLIP-ReID's
+    rule, so a resized model gives their numbers (timm's bicubic + antialias default does not).
+    """
+    if tuple(old_hw) == tuple(new_hw):
+        return grid
+    dtype = grid.dtype
+    x = grid.float().reshape(1, old_hw[0], old_hw[1], -1).permute(0, 3, 1, 2)
+    x = F.interpolate(x, size=tuple(new_hw), mode="bilinear", align_corners=False, antialias=False)
+    return x.permute(0, 2, 3, 1).reshape(new_hw[0] * new_hw[1], -1).to(dtype)
+
+
+def check_finite(state: dict[str, torch.Tensor], path: str) -> None:
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{path!r}: tensor {k!r} holds NaN or infinite values; the file is damaged")
+
+
+def load_all_or_nothing(model: nn.Module, state: dict[str, torch.Tensor], report: LoadReport) -> LoadReport:
+    """Copy ``state`` into ``model`` only if it matches every key and shape; the model is untouched otherwise.
+
+    ``state`` must name every tensor of ``model.state_dict()``. Tensors are cast to the dtype of the
+    model's own tensor (fp16 OpenAI weights into an fp32 model) and values are checked to be finite.
+    """
+    target = model.state_dict()
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{report.path!r} ({report.kind}) does not fit {type(model).__name__}: "
+            + (f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''} " if missing else "")
+            + (f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''} " if unexpected else "")
+            + "; check that the model was built with the depth and widths the checkpoint was trained with"
+        )
+    for k, t in target.items():
+        if tuple(state[k].shape) != tuple(t.shape):
+            raise CheckpointError(
+                f"{report.path!r} ({report.kind}): {k!r} has shape {list(state[k].shape)} in the file but "
+                f"{list(t.shape)} in the model; build the model with the sizes the checkpoint was trained with"
+            )
+    check_finite(state, report.path)
+    cast = {k: v.to(dtype=target[k].dtype) for k, v in state.items()}
+    model.load_state_dict(cast, strict=True)
+    report.loaded = sorted(k for k in cast if k not in report.kept_init)
+    logger.info("%s", report)
+    return report

@@ -1,0 +1,142 @@
+"""Reading checkpoint files into plain dictionaries of tensors, without ever running code from them.
+
+The format is told from the file's bytes, never from its name: a zip holding only ``.npy`` members is
+NumPy's ``.npz``; a zip with ``constants.pkl`` is a TorchScript archive (read by the restricted reader
+in :mod:`reid_ms.weights.torchscript`); any other zip or a bare pickle is ``torch.save`` output, read
+with ``weights_only=True``; an 8-byte length followed by ``{`` is safetensors.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from reid_ms.errors import CheckpointError, CheckpointNotFoundError, UnsafeCheckpointError
+
+FORMAT_TORCH = "torch.save"
+FORMAT_NPZ = "npz"
+FORMAT_SAFETENSORS = "safetensors"
+FORMAT_TORCHSCRIPT = "torchscript"
+
+
+def sniff_format(path: str) -> str:
+    """The container format of ``path``: one of ``FORMAT_*``; a :class:`CheckpointError` otherwise."""
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"checkpoint not found: {path!r} does not exist or is not a file")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise CheckpointError(f"{path!r} looks like a zip archive but cannot be opened ({e}); "
+                                  f"the file is damaged or incomplete: download it again") from e
+        if names and all(n.endswith(".npy") for n in names):
+            return FORMAT_NPZ
+        if any(n.endswith("constants.pkl") for n in names):
+            return FORMAT_TORCHSCRIPT
+        return FORMAT_TORCH
+    if head[:1] == b"\x80":
+        return FORMAT_TORCH
+    if len(head) == 9 and head[8:9] == b"{":
+        return FORMAT_SAFETENSORS
+    raise CheckpointError(f"{path!r} is not a checkpoint reid_ms can read (not a torch.save file, a "
+                          f"TorchScript archive, an .npz or a .safetensors file; it starts with {head[:8]!r})")
+
+
+def _read_torch(path: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+            raise UnsafeCheckpointError(
+                f"{path!r} asks to create objects other than tensors and plain containers; reid_ms loads "
+                f"with weights_only=True and never runs code from a file. If you trust the file, re-save "
+                f"its state dict with torch.save(model.state_dict(), path). Details: {msg.splitlines()[0]}"
+            ) from e
+        raise CheckpointError(f"{path!r} cannot be unpickled ({msg.splitlines()[0] if msg else e!r}); "
+                              f"the file is damaged or incomplete") from e
+    except Exception as e:  # torch reports damaged archives with many exception types
+        raise CheckpointError(f"{path!r} cannot be read by torch.load ({type(e).__name__}: {e}); the file "
+                              f"is damaged or incomplete: download it again") from e
+
+
+def _read_npz(path: str) -> dict[str, torch.Tensor]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: torch.from_numpy(np.array(data[k])) for k in data.files}
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise UnsafeCheckpointError(f"{path!r} holds pickled object arrays; reid_ms reads .npz files with "
+                                        f"allow_pickle=False and never runs code from a file") from e
+        raise CheckpointError(f"{path!r} is a damaged .npz file ({e})") from e
+    except Exception as e:
+        raise CheckpointError(f"{path!r} is a damaged .npz file ({type(e).__name__}: {e})") from e
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path!r} is a damaged .safetensors file ({e})") from e
+    except struct.error as e:
+        raise CheckpointError(f"{path!r} is a damaged .safetensors file ({e})") from e
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[Any, str]:
+    """Read ``path`` into Python objects (tensors and plain containers only) and name its format."""
+    path = os.fspath(path)
+    fmt = sniff_format(path)
+    if fmt == FORMAT_NPZ:
+        return _read_npz(path), fmt
+    if fmt == FORMAT_SAFETENSORS:
+        return _read_safetensors(path), fmt
+    if fmt == FORMAT_TORCHSCRIPT:
+        from reid_ms.weights.torchscript import read_torchscript_archive
+
+        return read_torchscript_archive(path), fmt
+    return _read_torch(path), fmt
+
+
+_WRAPPERS = ("state_dict", "model", "module", "model_state_dict", "net")
+
+
+def flatten_state_dict(obj: Any, path: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Find the tensor mapping inside a checkpoint and return it with the names of what was set aside.
+
+    Training scripts wrap state dicts (``{"model": sd, "epoch": 3}``, ``{"state_dict": sd}``); the wrapper
+    whose value is a mapping of tensors is taken and its siblings are reported as ignored. Non-tensor
+    entries of the state dict itself (OpenAI's integer ``input_resolution``) are reported too.
+    """
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path!r} holds a {type(obj).__name__}, not a state dict (a mapping of "
+                              f"parameter names to tensors)")
+    ignored: list[str] = []
+    for _ in range(3):
+        inner = next((k for k in _WRAPPERS if isinstance(obj.get(k), Mapping)
+                      and any(isinstance(v, torch.Tensor) for v in obj[k].values())), None)
+        if inner is None or any(isinstance(v, torch.Tensor) and v.dim() > 0 for v in obj.values()):
+            break
+        ignored += [f"{k} (wrapper entry)" for k in obj if k != inner]
+        obj = obj[inner]
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            tensors[str(k)] = v
+        else:
+            ignored.append(f"{k} (not a tensor)")
+    if not tensors:
+        raise CheckpointError(f"{path!r} holds no tensors (top-level keys: {sorted(map(str, obj))[:10]})")
+    return tensors, ignored
