@@ -124,10 +124,11 @@ def flatten_state_dict(obj: Any, path: str) -> tuple[dict[str, torch.Tensor], li
         raise CheckpointError(f"{path!r} holds a {type(obj).__name__}, not a state dict (a mapping of "
                               f"parameter names to tensors)")
     ignored: list[str] = []
-    for _ in range(3):
-        inner = next((k for k in _WRAPPERS if isinstance(obj.get(k), Mapping)
-                      and any(isinstance(v, torch.Tensor) for v in obj[k].values())), None)
-        if inner is None or any(isinstance(v, torch.Tensor) and v.dim() > 0 for v in obj.values()):
+    for _ in range(4):
+        if any(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        inner = next((k for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
             break
         ignored += [f"{k} (wrapper entry)" for k in obj if k != inner]
         obj = obj[inner]
