@@ -47,7 +47,7 @@ def test_label_forms():
         (torch.tensor([[0, 1]]), None, 6, 0, "one label per image"),
         ("1", None, 6, 0, "must be an int"),
         (torch.tensor([0, 1]), None, 0, 0, "camera_num=0"),
-        (None, torch.tensor([0, 1]), 6, 0, "view_num=0"),
+        (torch.tensor([0, 1]), torch.tensor([0, 1]), 6, 0, "view_num=0"),
     ],
 )
 def test_label_errors(cam, view, cams, views, match):
