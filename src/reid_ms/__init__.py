@@ -18,3 +18,4 @@ from reid_ms.weights._common import LoadReport
 __version__ = "0.1.0"
 
 # -- public API (each module adds its names below) --
+from reid_ms import metrics  # noqa: E402  (reid_ms.metrics.evaluate)
