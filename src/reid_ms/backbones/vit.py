@@ -1,0 +1,166 @@
+"""TransReID's Vision Transformer: overlapping patches and a camera/view (SIE) embedding on every token.
+
+The blocks are timm's, so parameter names are timm's ViT names (``cls_token``, ``pos_embed``,
+``patch_embed.proj``, ``blocks.N.*``, ``norm``) plus ``sie_embed``; ImageNet and TransReID checkpoints
+load through :func:`reid_ms.load_vit_weights`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
+
+from reid_ms.backbones._common import Label, check_images, grid_size, pair, side_info_index, side_info_rows
+from reid_ms.errors import ConfigError
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Image to patch tokens with a strided convolution; the stride may be smaller than the patch.
+
+    timm's ``PatchEmbed`` ties the stride to the patch size, TransReID's stride 12 needs them apart.
+    """
+
+    def __init__(self, img_size: tuple[int, int], patch_size: tuple[int, int], stride_size: tuple[int, int],
+                 in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.grid_size = grid_size(img_size, patch_size, stride_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride_size, bias=True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, C, img_h, img_w]`` -> ``[B, H*W, D]``, tokens row by row."""
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class VitTrans(nn.Module):
+    """TransReID's ViT backbone (defaults: ViT-B/16), returning every token after the final LayerNorm.
+
+    ``tokens = cat(cls, patches) + pos_embed + sie_coef * sie_embed[row]``, the camera/view vector added
+    to every token; ``row = cam * view_num + view`` with both labels, else the one label. Then the
+    blocks and ``norm``. For JPM-style heads the pieces are usable alone: :meth:`embed`,
+    :meth:`forward_blocks` (optionally stopping early) and ``norm``.
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = (256, 128),
+        patch_size: int | Sequence[int] = 16,
+        stride_size: int | Sequence[int] = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        norm_eps: float = 1e-6,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        camera_num: int = 0,
+        view_num: int = 0,
+        sie_coef: float = 3.0,
+    ) -> None:
+        super().__init__()
+        self.img_size = pair(img_size, "img_size")
+        self.patch_size = pair(patch_size, "patch_size")
+        self.stride_size = pair(stride_size, "stride_size")
+        for name, value in (("in_chans", in_chans), ("embed_dim", embed_dim), ("depth", depth),
+                            ("num_heads", num_heads)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"VitTrans: {name} must be a positive int, got {value!r}")
+        if embed_dim % num_heads:
+            raise ConfigError(f"VitTrans: embed_dim={embed_dim} is not divisible by num_heads={num_heads}; "
+                              f"pick a head count that divides the width (ViT-B: 768 and 12)")
+        rows = side_info_rows(camera_num, view_num)
+        self.in_chans = in_chans
+        self.embed_dim = self.out_dim = embed_dim
+        self.camera_num, self.view_num = camera_num, view_num
+        self.sie_coef = float(sie_coef)
+        self.grad_checkpointing = False
+
+        self.patch_embed = OverlapPatchEmbed(self.img_size, self.patch_size, self.stride_size, in_chans, embed_dim)
+        self.grid_size = self.patch_embed.grid_size
+        self.num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim))
+        self.sie_embed = nn.Parameter(torch.zeros(rows, 1, embed_dim)) if rows else None
+        self.pos_drop = nn.Dropout(drop_rate)
+
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.Sequential(*[
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
+                  attn_drop=attn_drop_rate, drop_path=dpr[i], act_layer=nn.GELU, norm_layer=norm_layer)
+            for i in range(depth)
+        ])
+        for block in self.blocks:
+            # timm turns fused attention off under its exportable flag or TIMM_FUSED_ATTN=0; the unfused
+            # path materialises the [B, heads, T, T] matrix and is much slower, so always take SDPA.
+            block.attn.fused_attn = True
+        self.norm = norm_layer(embed_dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # TransReID's initialisation, so a model trained from these starting points behaves like theirs.
+        trunc_normal_(self.cls_token, std=0.02)
+        trunc_normal_(self.pos_embed, std=0.02)
+        if self.sie_embed is not None:
+            trunc_normal_(self.sie_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        conv = self.patch_embed.proj
+        fan_out = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
+        nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / fan_out))
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that optimisers should not decay (timm's convention)."""
+        return {"pos_embed", "cls_token", "sie_embed"}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (training only) to save memory."""
+        self.grad_checkpointing = enable
+
+    def embed(self, images: torch.Tensor, cam_label: Label = None, view_label: Label = None) -> torch.Tensor:
+        """Images ``[B, C, img_h, img_w]`` -> tokens before the blocks ``[B, 1 + H*W, D]``, CLS first."""
+        check_images(images, self.in_chans, self.img_size, "VitTrans")
+        row = side_info_index(cam_label, view_label, self.camera_num, self.view_num, images.shape[0],
+                              images.device, "VitTrans")
+        x = self.patch_embed(images)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
+        if row is not None:
+            # [B, 1, D] broadcast over the tokens: the same camera/view vector on CLS and every patch.
+            x = x + self.sie_coef * self.sie_embed[row]
+        return self.pos_drop(x)
+
+    def forward_blocks(self, x: torch.Tensor, end: int | None = None) -> torch.Tensor:
+        """Run ``blocks[:end]`` (all by default) on tokens ``[B, T, D]``; no final norm."""
+        blocks = self.blocks if end is None else self.blocks[:end]
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            for block in blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+            return x
+        return blocks(x)
+
+    def forward_features(self, images: torch.Tensor, cam_label: Label = None,
+                         view_label: Label = None) -> torch.Tensor:
+        """Images ``[B, C, img_h, img_w]`` -> every token after the final norm ``[B, 1 + H*W, D]``."""
+        return self.norm(self.forward_blocks(self.embed(images, cam_label, view_label)))
+
+    def forward(self, images: torch.Tensor, cam_label: Label = None, view_label: Label = None) -> torch.Tensor:
+        """Images ``[B, C, img_h, img_w]`` -> every token after the final norm ``[B, 1 + H*W, D]``."""
+        return self.forward_features(images, cam_label, view_label)
