@@ -1,0 +1,3 @@
+"""Checkpoint loaders: one module per checkpoint family, each a pure filter plus one all-or-nothing load."""
+
+from reid_ms.weights.vit import load_vit_weights, vit_checkpoint_filter

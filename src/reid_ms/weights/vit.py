@@ -1,0 +1,261 @@
+"""Loading ViT checkpoints into :class:`reid_ms.VitTrans`.
+
+Recognised from their keys, never from the file name: timm / jx ImageNet state dicts (plain or under
+``model`` / ``state_dict``), ImageNet-21k files (``pre_logits``), DeiT (``dist_token`` and a position
+table with two prefix tokens), Google's ``.npz`` layout (``Transformer/encoderblock_N/...``) and
+checkpoints trained by TransReID (backbone under ``base.``, camera/view table ``sie_embed``).
+:func:`vit_checkpoint_filter` maps any of them to the model's keys; :func:`load_vit_weights` then loads
+all of it or nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from reid_ms.errors import CheckpointError
+from reid_ms.weights._common import LoadReport, load_all_or_nothing, resize_pos_grid, square_side
+from reid_ms.weights._io import flatten_state_dict, read_checkpoint
+
+# Image sizes re-ID and ImageNet models are commonly trained at, tried when a position table of another
+# grid has to be explained to the user.
+_COMMON_IMG_SIZES = ((256, 128), (384, 128), (128, 256), (384, 192), (224, 224), (384, 384))
+
+
+def _is_clip(keys: list[str]) -> bool:
+    return any(k.startswith(("visual.", "image_encoder.")) or "transformer.resblocks" in k
+               or k in ("class_embedding", "positional_embedding", "conv1.weight", "cv_embed") for k in keys)
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _from_google_npz(w: dict[str, torch.Tensor], prefix: str, path: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Google's JAX layout to timm names: kernels are [in, out], attention kernels split per head."""
+    state: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        key = prefix + name
+        if key not in w:
+            raise CheckpointError(f"{path!r} is a Google ViT .npz but lacks {key!r}; the file is incomplete "
+                                  f"or from another model family")
+        used.add(key)
+        return w[key]
+
+    kernel = take("embedding/kernel")
+    if kernel.dim() != 4:
+        raise CheckpointError(f"{path!r}: 'embedding/kernel' has shape {list(kernel.shape)}, expected a 4-D "
+                              f"convolution kernel [kh, kw, in, D]")
+    state["patch_embed.proj.weight"] = kernel.permute(3, 2, 0, 1)  # HWIO -> OIHW
+    state["patch_embed.proj.bias"] = take("embedding/bias")
+    state["cls_token"] = take("cls")
+    state["pos_embed"] = take("Transformer/posembed_input/pos_embedding")
+    state["norm.weight"] = take("Transformer/encoder_norm/scale")
+    state["norm.bias"] = take("Transformer/encoder_norm/bias")
+    i = 0
+    while f"{prefix}Transformer/encoderblock_{i}/LayerNorm_0/scale" in w:
+        src, dst = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        attn = src + "MultiHeadDotProductAttention_1/"
+        state[dst + "norm1.weight"] = take(src + "LayerNorm_0/scale")
+        state[dst + "norm1.bias"] = take(src + "LayerNorm_0/bias")
+        # query/key/value kernels are [D, heads, head_dim]; timm's qkv is one [3*D, D] Linear.
+        state[dst + "attn.qkv.weight"] = torch.cat([take(f"{attn}{n}/kernel").flatten(1).t()
+                                                    for n in ("query", "key", "value")])
+        state[dst + "attn.qkv.bias"] = torch.cat([take(f"{attn}{n}/bias").reshape(-1)
+                                                  for n in ("query", "key", "value")])
+        state[dst + "attn.proj.weight"] = take(attn + "out/kernel").flatten(0, 1).t()  # [heads, hd, D]
+        state[dst + "attn.proj.bias"] = take(attn + "out/bias")
+        state[dst + "norm2.weight"] = take(src + "LayerNorm_2/scale")
+        state[dst + "norm2.bias"] = take(src + "LayerNorm_2/bias")
+        for r in (0, 1):
+            state[dst + f"mlp.fc{r + 1}.weight"] = take(src + f"MlpBlock_3/Dense_{r}/kernel").t()
+            state[dst + f"mlp.fc{r + 1}.bias"] = take(src + f"MlpBlock_3/Dense_{r}/bias")
+        i += 1
+    ignored = []
+    unknown = []
+    for key in w:
+        if key in used:
+            continue
+        name = key[len(prefix):]
+        if name.startswith(("head/", "pre_logits/")):
+            ignored.append(f"{key} (classifier head, not part of the backbone)")
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"{path!r} is a Google ViT .npz with entries reid_ms does not know: {unknown[:6]}; "
+                              f"only the layout of google-research/vision_transformer (encoderblock_N) is read")
+    return {k: v.contiguous() for k, v in state.items()}, ignored
+
+
+def _grid_hint(model: nn.Module, count: int) -> str:
+    """Builder arguments of ``model``'s patch size that give ``count`` patches, as advice for an error."""
+    ph, pw = model.patch_size
+    hints = []
+    for img in (tuple(model.img_size),) + tuple(s for s in _COMMON_IMG_SIZES if s != tuple(model.img_size)):
+        for stride in range(max(ph, pw), 0, -1):
+            if img[0] < ph or img[1] < pw:
+                continue
+            h, w = (img[0] - ph) // stride + 1, (img[1] - pw) // stride + 1
+            if h * w == count:
+                same_img = img == tuple(model.img_size)
+                hints.append(f"stride_size={stride}" + ("" if same_img else f", img_size={img}")
+                             + f" (grid {h}x{w})")
+    if not hints:
+        return (f"no stride or common image size with patch_size={model.patch_size} gives {count} patches; "
+                f"build the model with the img_size and stride_size the checkpoint was trained with")
+    return "build the model with " + " or ".join(hints[:3])
+
+
+def _adapt_pos_embed(pos: torch.Tensor, n_prefix: int, model: nn.Module, path: str, kind: str,
+                     report: LoadReport) -> torch.Tensor:
+    """Position table ``[1, n_prefix + N, D]`` of the file -> ``[1, 1 + H*W, D]`` of the model."""
+    if pos.dim() == 2:
+        pos = pos.unsqueeze(0)
+    if pos.dim() != 3 or pos.shape[0] != 1 or pos.shape[1] <= n_prefix:
+        raise CheckpointError(f"{path!r} ({kind}): 'pos_embed' has shape {list(pos.shape)}, expected "
+                              f"[1, {n_prefix} + patches, D]")
+    old_shape = tuple(pos.shape)
+    cls_pos, grid = pos[:, :1], pos[0, n_prefix:]
+    count = grid.shape[0]
+    new_hw = tuple(model.grid_size)
+    if count != model.num_patches:
+        side = square_side(count)
+        if side is None:
+            raise CheckpointError(
+                f"{path!r} ({kind}): its position table holds {count} patch positions, not a square grid, and "
+                f"the model has {model.num_patches} ({new_hw[0]}x{new_hw[1]}); a non-square grid of unknown "
+                f"shape cannot be resized faithfully: {_grid_hint(model, count)}")
+        # Resize in float32 whatever the file's dtype; the all-or-nothing load casts to the model's dtype.
+        grid = resize_pos_grid(grid.float(), (side, side), new_hw)
+    # Equal counts are copied as stored (TransReID resizes only when the shapes differ).
+    out = torch.cat((cls_pos.to(grid.dtype), grid.unsqueeze(0)), dim=1)
+    if tuple(out.shape) != old_shape:
+        report.resized["pos_embed"] = (old_shape, tuple(out.shape))
+    return out
+
+
+def _rows_hint(rows: int) -> str:
+    return (f"camera_num={rows} (one table row per camera), or camera_num and view_num with "
+            f"camera_num * view_num = {rows} if it was trained with both labels")
+
+
+def vit_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: nn.Module, path: str = "<state dict>",
+                          fmt: str = "state dict") -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Map a ViT checkpoint of any supported layout to ``model``'s keys, without touching ``model``.
+
+    Args:
+        state_dict: tensors as stored (wrappers already removed, see ``flatten_state_dict``).
+        model: the :class:`~reid_ms.VitTrans` the result is meant for (read for its shapes only).
+        path, fmt: the file and its container, for messages and the report.
+
+    Returns:
+        ``(state, report)``: ``state`` names every tensor of ``model.state_dict()`` (the camera/view
+        table the file lacks is the model's own, listed in ``report.kept_init``); ``report`` says the
+        kind of checkpoint and what was ignored or resized (``report.loaded`` is filled by the load).
+    """
+    keys = list(state_dict)
+    if _is_clip(keys):
+        raise CheckpointError(
+            f"{path!r} is a CLIP checkpoint (keys like {next(k for k in keys if _is_clip([k]))!r}), not a "
+            f"ViT/TransReID one: load it into reid_ms.ClipVisual with reid_ms.load_clip_weights")
+    report = LoadReport(path=path, format=fmt, kind="imagenet")
+    state = _strip_prefix(dict(state_dict), "module.")  # saved from nn.DataParallel / DDP
+
+    # Google's names, possibly under a prefix such as "opt/target/".
+    npz_anchor = next((k for k in state if k == "embedding/kernel" or k.endswith("/embedding/kernel")), None)
+    if npz_anchor is not None:
+        report.kind = "google-npz"
+        state, ignored = _from_google_npz(state, npz_anchor[: -len("embedding/kernel")], path)
+        report.ignored += ignored
+    elif any(k.startswith("base.") for k in state):
+        report.kind = "transreid"
+        backbone = {}
+        for k, v in state.items():
+            if not k.startswith("base."):
+                report.ignored.append(f"{k} (TransReID re-ID head, not part of the backbone)")
+            elif k.startswith("base.fc."):
+                report.ignored.append(f"{k} (TransReID's unused classifier of the ViT)")
+            else:
+                backbone[k[len("base."):]] = v
+        state = backbone
+    elif any(k.startswith("pre_logits.") for k in state):
+        report.kind = "imagenet-21k"
+    elif "dist_token" in state:
+        report.kind = "deit"
+    elif "sie_embed" in state:
+        report.kind = "transreid"
+
+    kept: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if k.startswith(("head.", "head_dist.", "pre_logits.", "fc.")):
+            report.ignored.append(f"{k} (classifier head, not part of the backbone)")
+        elif k == "dist_token":
+            report.ignored.append(f"{k} (DeiT distillation token; TransReID does not use it)")
+        else:
+            kept[k] = v
+    state = kept
+
+    target = model.state_dict()
+    if "pos_embed" in state:
+        n_prefix = 1
+        if report.kind == "deit":
+            count = state["pos_embed"].shape[-2]
+            if square_side(count - 2) is None and count - 2 != model.num_patches:
+                raise CheckpointError(f"{path!r} has a DeiT dist_token but its position table holds {count} "
+                                      f"tokens, not 2 prefix tokens plus a square grid; the file is not a "
+                                      f"DeiT checkpoint reid_ms can read")
+            n_prefix = 2
+            report.ignored.append("pos_embed[:, 1] (position of the DeiT distillation token)")
+        state["pos_embed"] = _adapt_pos_embed(state["pos_embed"], n_prefix, model, path, report.kind, report)
+
+    proj = state.get("patch_embed.proj.weight")
+    want = target["patch_embed.proj.weight"]
+    if proj is not None and tuple(proj.shape) != tuple(want.shape):
+        raise CheckpointError(
+            f"{path!r} ({report.kind}): the patch embedding is {list(proj.shape)} [D, in_chans, kh, kw] in the "
+            f"file but {list(want.shape)} in the model; build the model with patch_size={tuple(proj.shape[2:])}, "
+            f"in_chans={proj.shape[1]} and embed_dim={proj.shape[0]} to use these weights")
+
+    has_table = "sie_embed" in target
+    if "sie_embed" in state:
+        rows = state["sie_embed"].shape[0]
+        if not has_table:
+            raise CheckpointError(
+                f"{path!r} ({report.kind}) has a camera/view table (sie_embed, {rows} rows) but the model was "
+                f"built without one (camera_num=0, view_num=0); build it with {_rows_hint(rows)}")
+        if rows != target["sie_embed"].shape[0]:
+            raise CheckpointError(
+                f"{path!r} ({report.kind}): the camera/view table (sie_embed) has {rows} rows in the file but "
+                f"{target['sie_embed'].shape[0]} in the model (camera_num={model.camera_num}, "
+                f"view_num={model.view_num}); build it with {_rows_hint(rows)}")
+    elif has_table:
+        # ImageNet weights have no camera/view table: TransReID trains it from its initialisation.
+        state["sie_embed"] = target["sie_embed"]
+        report.kept_init.append("sie_embed")
+    return state, report
+
+
+def load_vit_weights(model: nn.Module, path: str | os.PathLike) -> LoadReport:
+    """Load a ViT checkpoint file into ``model`` (a :class:`~reid_ms.VitTrans`), all of it or nothing.
+
+    Reads timm / jx / DeiT ImageNet ``.pth`` files, ImageNet-21k files, Google ``.npz`` files,
+    ``.safetensors`` and TransReID-trained checkpoints; the position table is resized (bilinear,
+    ``align_corners=False``, no antialias) from a square ImageNet grid to the model's grid, fp16 tensors
+    are cast to the model's dtype. Anything that cannot be loaded faithfully raises
+    :class:`~reid_ms.CheckpointError` and leaves the model unchanged.
+
+    Returns:
+        A :class:`~reid_ms.LoadReport` of what was loaded, ignored, resized and kept at initialisation.
+    """
+    path = os.fspath(path)
+    obj, fmt = read_checkpoint(path)
+    tensors, ignored = flatten_state_dict(obj, path)
+    state, report = vit_checkpoint_filter(tensors, model, path, fmt)
+    report.ignored = ignored + report.ignored
+    return load_all_or_nothing(model, state, report)
