@@ -19,3 +19,5 @@ __version__ = "0.1.0"
 
 # -- public API (each module adds its names below) --
 from reid_ms import metrics  # noqa: E402  (reid_ms.metrics.evaluate)
+from reid_ms.heads import BNNeckHead  # noqa: E402
+from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow  # noqa: E402

@@ -1,0 +1,161 @@
+"""Multi-scale sliding-window neck: pooled window responses of the patch grid added to the CLS token.
+
+For each scale ``s`` a ``s x s`` window slides over the ``H x W`` patch grid with stride ``s``; each
+window map is global-average-pooled, the pooled vectors are averaged over the scales and added to the
+CLS token. Patch tokens pass through unchanged.
+
+Padding rule: the grid is zero-padded at the bottom and the right to the next multiple of ``s``
+(``Hp = ceil(H / s) * s``, likewise ``Wp``), the window runs over the padded grid and the global average
+covers all ``(Hp / s) * (Wp / s)`` windows, the partly padded ones included. Every patch token therefore
+reaches the CLS, nothing is cropped, and a window larger than the grid still works (one window). The
+zeros dilute the average: on a 21 x 10 grid at ``s = 4`` the tiles of the 24 x 12 padded grid are
+averaged, so each patch counts ``1 / 18`` of a window, not ``1 / 17.5``.
+
+Why forward never runs a convolution: a stride-``s`` window followed by a global average is linear, so
+it equals the window's weights applied once to the mean of the padded grid's ``s x s`` tiles, plus the
+bias. The tile mean ``[B, s, s, D]`` is a reshape and a sum; the window becomes one matrix product with
+the weight viewed as ``[D_out, D * s * s]``. The dense neck (768 wide, scales 4/8/16) costs about as
+much as the backbone when written as three convolutions; as matrix products it is bound by reading its
+weights once. The ``nn.Conv2d`` modules stay as parameter holders, so the state-dict keys are those of
+the convolutional definition (``windows.{i}.weight`` / ``.bias``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from reid_ms.errors import ConfigError, InputError
+
+MODES = ("dense", "light")
+
+
+def _check_scales(scales: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(scales, (int, str)) or not isinstance(scales, Sequence) or len(scales) == 0:
+        raise ConfigError(f"scales must be a non-empty sequence of positive ints, e.g. (4, 8, 16), got {scales!r}")
+    for s in scales:
+        if not isinstance(s, int) or isinstance(s, bool) or s < 1:
+            raise ConfigError(f"scales must hold positive ints (window sides in patches), got {tuple(scales)!r}")
+    return tuple(int(s) for s in scales)
+
+
+def _check_grid(grid_size: Sequence[int], owner: str) -> tuple[int, int]:
+    if (not isinstance(grid_size, Sequence) or len(grid_size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid_size)):
+        raise InputError(f"{owner} expects grid_size=(H, W), two positive ints (the backbone's grid_size), "
+                         f"got {grid_size!r}")
+    return int(grid_size[0]), int(grid_size[1])
+
+
+def tile_mean(grid: torch.Tensor, scale: int) -> torch.Tensor:
+    """Mean of the ``scale x scale`` tiles of a zero-padded grid: ``[B, H, W, D] -> [B, s, s, D]``.
+
+    The grid is padded at the bottom and right to the next multiple of ``scale``; the mean is over all
+    tiles of the padded grid (the padding rule of :class:`MultiScaleSlidingWindow`).
+    """
+    b, h, w, d = grid.shape
+    nh, nw = math.ceil(h / scale), math.ceil(w / scale)
+    if (nh * scale, nw * scale) != (h, w):
+        grid = F.pad(grid, (0, 0, 0, nw * scale - w, 0, nh * scale - h))
+    tiles = grid.reshape(b, nh, scale, nw, scale, d)
+    return tiles.sum(dim=(1, 3)) / (nh * nw)
+
+
+class MultiScaleSlidingWindow(nn.Module):
+    """Adds multi-scale sliding-window context from the patch grid to the CLS token.
+
+    Args:
+        feat_dim: token width ``D``.
+        scales: window sides in patches; each window slides with a stride equal to its side.
+        mode: ``"dense"``: per scale a full window ``nn.Conv2d(D, D, s, stride=s)`` (``D * D * s * s + D``
+            parameters). ``"light"``: per scale a depthwise window ``nn.Conv2d(D, D, s, stride=s,
+            groups=D)``, then one pointwise ``nn.Linear(D, D)`` shared by the scales, applied once to
+            the mean of the depthwise responses (it is affine, so projecting the mean equals the mean
+            of the projections).
+
+    Initialisation: the layer that writes into the CLS starts at zero (the dense windows, the light
+    pointwise projection; PyTorch's default initialisation for the light depthwise windows), so a
+    fresh neck on a pretrained backbone first returns the backbone's CLS unchanged and training grows
+    the multi-scale term from there instead of starting from a randomly shifted embedding.
+    """
+
+    def __init__(self, feat_dim: int, scales: Sequence[int] = (4, 8, 16), mode: str = "dense") -> None:
+        super().__init__()
+        if not isinstance(feat_dim, int) or isinstance(feat_dim, bool) or feat_dim < 1:
+            raise ConfigError(f"feat_dim must be a positive int, got {feat_dim!r}")
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
+        self.feat_dim = feat_dim
+        self.scales = _check_scales(scales)
+        self.mode = mode
+        groups = 1 if mode == "dense" else feat_dim
+        self.windows = nn.ModuleList(
+            nn.Conv2d(feat_dim, feat_dim, s, stride=s, groups=groups) for s in self.scales
+        )
+        self.pointwise = nn.Linear(feat_dim, feat_dim) if mode == "light" else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Zero the layer writing into the CLS (see the class docstring); default init elsewhere."""
+        if self.mode == "dense":
+            for window in self.windows:
+                nn.init.zeros_(window.weight)
+                nn.init.zeros_(window.bias)
+        else:
+            for window in self.windows:
+                window.reset_parameters()
+            nn.init.zeros_(self.pointwise.weight)
+            nn.init.zeros_(self.pointwise.bias)
+
+    def _check(self, tokens: torch.Tensor, grid_size: Sequence[int]) -> tuple[int, int]:
+        h, w = _check_grid(grid_size, type(self).__name__)
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+            shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise InputError(f"{type(self).__name__} expects tokens [B, 1 + H*W, {self.feat_dim}], got {shape}")
+        if tokens.shape[2] != self.feat_dim:
+            raise InputError(f"{type(self).__name__} was built with feat_dim={self.feat_dim}, got tokens of "
+                             f"width {tokens.shape[2]} (shape {tuple(tokens.shape)}); build it with "
+                             f"feat_dim={tokens.shape[2]} or adapt the tokens with DimAdapter")
+        if tokens.shape[1] != 1 + h * w:
+            raise InputError(f"{type(self).__name__}: tokens of shape {tuple(tokens.shape)} do not fit "
+                             f"grid_size=({h}, {w}): expected 1 + {h}*{w} = {1 + h * w} tokens (CLS first)")
+        return h, w
+
+    def context(self, tokens: torch.Tensor, grid_size: Sequence[int]) -> torch.Tensor:
+        """The term added to the CLS token: ``[B, 1 + H*W, D] -> [B, D]``.
+
+        Per scale: the pooled window response ``W_s . tile_mean_s + b_s``; then the mean over scales
+        (and, in light mode, the shared pointwise projection of that mean).
+        """
+        h, w = self._check(tokens, grid_size)
+        b, d = tokens.shape[0], tokens.shape[2]
+        grid = rearrange(tokens[:, 1:], "b (h w) d -> b h w d", h=h)  # a view: patches are row-major
+        responses = []
+        for window, s in zip(self.windows, self.scales):
+            tiles = tile_mean(grid, s)  # [B, s, s, D]
+            if self.mode == "dense":
+                # the weight [D_out, D_in, s, s] flattens in (d, p, q) order: permute the small tile map,
+                # never the large weight
+                flat = tiles.permute(0, 3, 1, 2).reshape(b, d * s * s)
+                responses.append(F.linear(flat, window.weight.reshape(d, d * s * s), window.bias))
+            else:
+                # depthwise weight [D, 1, s, s] read as [s*s, D] to match the tile map's (p, q, d) order
+                depthwise = window.weight.reshape(d, s * s).t()
+                responses.append(torch.einsum("bkd,kd->bd", tiles.reshape(b, s * s, d), depthwise) + window.bias)
+        out = torch.stack(responses).mean(0)
+        if self.pointwise is not None:
+            out = self.pointwise(out)
+        return out
+
+    def forward(self, tokens: torch.Tensor, grid_size: Sequence[int]) -> torch.Tensor:
+        """``[B, 1 + H*W, D] -> [B, 1 + H*W, D]``: CLS plus :meth:`context`; patch tokens returned as is."""
+        context = self.context(tokens, grid_size)
+        return torch.cat([tokens[:, :1] + context.unsqueeze(1), tokens[:, 1:]], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"feat_dim={self.feat_dim}, scales={self.scales}, mode={self.mode!r}"
