@@ -1,0 +1,225 @@
+"""Loading CLIP checkpoints into :class:`reid_ms.ClipVisual`.
+
+Recognised from their keys, never from the file name: OpenAI's TorchScript ``ViT-B-16.pt`` and
+OpenAI-layout state dicts (``visual.*`` beside the text tower), open_clip training checkpoints (under
+``state_dict``, keys prefixed ``module.``), bare visual state dicts (``conv1.weight``,
+``class_embedding``, ...) and checkpoints trained by CLIP-ReID (``image_encoder.*`` plus the camera/view
+table ``cv_embed``). :func:`clip_checkpoint_filter` maps any of them to the model's keys;
+:func:`load_clip_weights` then loads all of it or nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from reid_ms.backbones.clip import ClipVisual
+from reid_ms.errors import CheckpointError, ConfigError
+from reid_ms.weights._common import LoadReport, load_all_or_nothing, resize_pos_grid, square_side
+from reid_ms.weights._io import flatten_state_dict, read_checkpoint
+
+# Entries of an OpenAI / open_clip model outside ``visual.``: the text tower, the contrastive head and
+# OpenAI's integer metadata. None of them is part of the image encoder.
+_TEXT_TOWER = ("transformer.", "token_embedding.", "ln_final.")
+_CLIP_HEAD = ("positional_embedding", "text_projection", "logit_scale", "logit_bias", "attn_mask")
+_METADATA = ("input_resolution", "context_length", "vocab_size")
+
+# What a CLIP-ReID model holds beside its image encoder and camera table.
+_CLIP_REID_HEADS = {
+    "bottleneck": "CLIP-ReID BNNeck",
+    "classifier": "CLIP-ReID identity classifier",
+    "prompt_learner": "CLIP-ReID learned text prompts",
+    "text_encoder": "CLIP-ReID text encoder",
+}
+
+_BLOCK_INDEX = re.compile(r"^transformer\.resblocks\.(\d+)\.")
+
+
+def _strip_prefix(state: dict[str, Any], prefix: str) -> tuple[dict[str, Any], bool]:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}, True
+    return state, False
+
+
+def _is_vit(keys: list[str]) -> bool:
+    for k in keys:
+        k = k[len("base."):] if k.startswith("base.") else k
+        if k in ("cls_token", "pos_embed", "sie_embed") or k.startswith(("blocks.", "patch_embed.")):
+            return True
+    return False
+
+
+def _stride_hint(model: ClipVisual, count: int) -> str:
+    """Builder arguments that give ``count`` patches at the model's image and patch size, as advice."""
+    (ih, iw), (ph, pw) = model.img_size, model.patch_size
+    strides = [s for s in range(max(ph, pw), 0, -1) if ((ih - ph) // s + 1) * ((iw - pw) // s + 1) == count]
+    if strides:
+        s = strides[0]
+        return (f"build the model with stride_size={s} at img_size={model.img_size} "
+                f"(grid {(ih - ph) // s + 1}x{(iw - pw) // s + 1})")
+    return (f"no stride gives {count} patches at img_size={model.img_size} with patch_size={model.patch_size}; "
+            f"build the model with the img_size and stride_size the checkpoint was trained with")
+
+
+def _rows_hint(rows: int) -> str:
+    return (f"camera_num={rows} (one row per camera), or camera_num and view_num with camera_num * view_num = "
+            f"{rows} if it was trained with both labels")
+
+
+def _check_architecture(state: dict[str, torch.Tensor], model: ClipVisual, path: str, kind: str) -> None:
+    """Name the builder arguments when the file's encoder has another width, patch, depth or output size."""
+    conv, proj = state.get("conv1.weight"), state.get("proj")
+    blocks = {int(m.group(1)) for k in state if (m := _BLOCK_INDEX.match(k))}
+    layers = max(blocks) + 1 if blocks else 0
+    found = {}
+    if conv is not None and conv.dim() == 4:
+        found.update(width=conv.shape[0], in_chans=conv.shape[1], patch_size=tuple(conv.shape[2:]))
+    if proj is not None and proj.dim() == 2:
+        found["output_dim"] = proj.shape[1]
+    if layers:
+        found["layers"] = layers
+    built = {"width": model.width, "in_chans": model.in_chans, "patch_size": tuple(model.patch_size),
+             "output_dim": model.output_dim, "layers": model.layers}
+    wrong = {k: v for k, v in found.items() if v != built[k]}
+    if wrong:
+        want = ", ".join(f"{k}={v}" for k, v in found.items())
+        have = ", ".join(f"{k}={built[k]}" for k in wrong)
+        raise CheckpointError(
+            f"{path!r} ({kind}) holds a CLIP image encoder with {want}, but the model was built with {have}; "
+            f"build ClipVisual({want}) to use these weights (OpenAI's models use heads=width // 64)")
+
+
+def _adapt_positional_embedding(pos: torch.Tensor, model: ClipVisual, path: str, report: LoadReport) -> torch.Tensor:
+    """``[1 + N, width]`` of the file -> ``[1 + H*W, width]`` of the model."""
+    if pos.dim() != 2 or pos.shape[0] < 2:
+        raise CheckpointError(f"{path!r} ({report.kind}): 'positional_embedding' has shape {list(pos.shape)}, "
+                              f"expected [1 + patches, width]")
+    count = pos.shape[0] - 1
+    if count == model.num_patches:
+        return pos  # CLIP-ReID's own checkpoints are stored at their training grid: copied as stored
+    side = square_side(count)
+    if side is None:
+        raise CheckpointError(
+            f"{path!r} ({report.kind}): its position table holds {count} patch positions ({count + 1} with the "
+            f"CLS), not a square grid, and the model has {model.num_patches} (grid "
+            f"{model.grid_size[0]}x{model.grid_size[1]}); a non-square grid of unknown shape cannot be resized "
+            f"faithfully: {_stride_hint(model, count)}")
+    grid = resize_pos_grid(pos[1:].float(), (side, side), tuple(model.grid_size))
+    out = torch.cat([pos[:1].float(), grid])
+    report.resized["positional_embedding"] = (tuple(pos.shape), tuple(out.shape))
+    return out
+
+
+def clip_checkpoint_filter(
+    checkpoint: Mapping[str, Any], model: ClipVisual, path: str = "<state dict>", fmt: str = "state dict",
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Map a CLIP checkpoint of any supported layout to ``model``'s keys, without touching ``model``.
+
+    Args:
+        checkpoint: what :func:`reid_ms.weights._io.read_checkpoint` returns: a state dict, possibly under
+            a ``state_dict`` / ``model`` wrapper and with a ``module.`` prefix; TorchScript integer
+            entries allowed.
+        model: the :class:`~reid_ms.ClipVisual` the result is meant for (read for its shapes only).
+        path, fmt: the file and its container, for messages and the report.
+
+    Returns:
+        ``(state, report)``: ``state`` names every tensor of ``model.state_dict()`` (a camera/view table
+        the file lacks is the model's own, listed in ``report.kept_init``); ``report`` gives the kind
+        (``openai``, ``open_clip``, ``clip-reid``, ``clip-visual``) and what was ignored or resized.
+    """
+    wrapped = isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping)
+    tensors, ignored = flatten_state_dict(checkpoint, path)
+    tensors, had_module_prefix = _strip_prefix(tensors, "module.")
+    keys = list(tensors)
+    if _is_vit(keys):
+        example = next(k for k in keys if _is_vit([k]))
+        raise CheckpointError(
+            f"{path!r} is a ViT / TransReID checkpoint (keys like {example!r}), not a CLIP one: load it into "
+            f"reid_ms.VitTrans with reid_ms.load_vit_weights")
+    report = LoadReport(path=path, format=fmt, kind="clip-visual", ignored=list(ignored))
+
+    visual: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    if any(k.startswith("image_encoder.") for k in keys):
+        report.kind = "clip-reid"
+        for k, v in tensors.items():
+            group = k.split(".", 1)[0]
+            head = next((what for name, what in _CLIP_REID_HEADS.items() if group.startswith(name)), None)
+            if k.startswith("image_encoder."):
+                visual[k[len("image_encoder."):]] = v
+            elif k == "cv_embed":
+                visual[k] = v
+            elif head is not None:
+                report.ignored.append(f"{k} ({head}, not part of the image encoder)")
+            else:
+                unknown.append(k)
+    elif any(k.startswith("visual.") for k in keys):
+        report.kind = "open_clip" if wrapped or had_module_prefix else "openai"
+        for k, v in tensors.items():
+            if k.startswith("visual."):
+                visual[k[len("visual."):]] = v
+            elif k in _METADATA:
+                report.ignored.append(f"{k} (model metadata)")
+            elif k.startswith(_TEXT_TOWER) or k in _CLIP_HEAD:
+                report.ignored.append(f"{k} (text tower / contrastive head, not part of the image encoder)")
+            else:
+                unknown.append(k)
+    elif "conv1.weight" in tensors or "class_embedding" in tensors:
+        visual = dict(tensors)
+    else:
+        raise CheckpointError(
+            f"{path!r} is not a CLIP checkpoint reid_ms knows: no 'visual.*', 'image_encoder.*' or bare "
+            f"'conv1.weight' / 'class_embedding' keys (found {sorted(keys)[:8]}); load_clip_weights reads "
+            f"OpenAI, open_clip and CLIP-ReID checkpoints")
+    if unknown:
+        raise CheckpointError(f"{path!r} ({report.kind}) has entries outside the image encoder that reid_ms "
+                              f"does not know: {unknown[:6]}; nothing was loaded")
+
+    _check_architecture(visual, model, path, report.kind)
+    if "positional_embedding" in visual:
+        visual["positional_embedding"] = _adapt_positional_embedding(visual["positional_embedding"], model, path,
+                                                                     report)
+
+    target = model.state_dict()
+    has_table = "cv_embed" in target
+    if "cv_embed" in visual:
+        rows = visual["cv_embed"].shape[0]
+        if not has_table:
+            raise CheckpointError(
+                f"{path!r} ({report.kind}) has a camera/view table (cv_embed, {rows} rows) but the model was "
+                f"built without one (camera_num=0, view_num=0); build it with {_rows_hint(rows)}")
+        if rows != target["cv_embed"].shape[0]:
+            raise CheckpointError(
+                f"{path!r} ({report.kind}): the camera/view table (cv_embed) has {rows} rows in the file but "
+                f"{target['cv_embed'].shape[0]} in the model (camera_num={model.camera_num}, "
+                f"view_num={model.view_num}); build it with {_rows_hint(rows)}")
+    elif has_table:
+        # OpenAI / open_clip weights have no camera table: CLIP-ReID trains it from its initialisation.
+        visual["cv_embed"] = target["cv_embed"]
+        report.kept_init.append("cv_embed")
+    return visual, report
+
+
+def load_clip_weights(model: ClipVisual, path: str | os.PathLike) -> LoadReport:
+    """Load a CLIP checkpoint file into ``model`` (a :class:`~reid_ms.ClipVisual`), all of it or nothing.
+
+    Reads OpenAI's TorchScript archives (without running TorchScript), OpenAI-layout and open_clip state
+    dicts, ``.safetensors`` and CLIP-ReID-trained checkpoints. A square position table (OpenAI's 14x14)
+    is resized (bilinear, ``align_corners=False``, no antialias) to the model's grid; fp16 tensors are
+    cast to the model's dtype. Anything that cannot be loaded faithfully raises
+    :class:`~reid_ms.CheckpointError` and leaves the model unchanged.
+
+    Returns:
+        A :class:`~reid_ms.LoadReport` of what was loaded, ignored, resized and kept at initialisation.
+    """
+    if not isinstance(model, ClipVisual):
+        raise ConfigError(f"load_clip_weights loads into reid_ms.ClipVisual, got {type(model).__name__}; "
+                          f"for a built model pass its backbone, for a VitTrans use load_vit_weights")
+    path = os.fspath(path)
+    obj, fmt = read_checkpoint(path)
+    state, report = clip_checkpoint_filter(obj, model, path, fmt)
+    return load_all_or_nothing(model, state, report)
