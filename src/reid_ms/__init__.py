@@ -21,3 +21,9 @@ __version__ = "0.1.0"
 from reid_ms import metrics  # noqa: E402  (reid_ms.metrics.evaluate)
 from reid_ms.heads import BNNeckHead  # noqa: E402
 from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow  # noqa: E402
+from reid_ms.backbones.vit import VitTrans  # noqa: E402
+from reid_ms.weights.vit import load_vit_weights  # noqa: E402
+from reid_ms.backbones.clip import ClipVisual  # noqa: E402
+from reid_ms.weights.clip import load_clip_weights  # noqa: E402
+from reid_ms.model import ReIDModel  # noqa: E402
+from reid_ms.registry import ModelSpec, build, list_models, register  # noqa: E402

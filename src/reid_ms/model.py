@@ -1,0 +1,95 @@
+"""A re-ID model: backbone -> (width adapter) -> (neck) -> CLS -> BNNeck head."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from reid_ms.backbones._common import Label
+from reid_ms.errors import ConfigError
+from reid_ms.heads import BNNeckHead
+from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow
+
+
+class ReIDModel(nn.Module):
+    """Backbone, optional width adapter, optional neck and a BNNeck head, called like the backbone.
+
+    ``forward(images, cam_label=None, view_label=None)``: the backbone returns every token
+    ``[B, 1 + H*W, out_dim]``; the adapter (if any) projects them to the neck's width; the neck (if any)
+    adds its multi-scale context to the CLS; the CLS goes through the head. Eval mode returns the
+    embedding ``[B, feat_dim]``; train mode ``(logits [B, num_classes] or None, feature [B, feat_dim])``
+    (see :class:`~reid_ms.BNNeckHead`).
+
+    Args:
+        backbone: any module with ``forward(images, cam_label, view_label) -> [B, 1 + H*W, out_dim]``
+            and the attributes ``grid_size`` ``(H, W)`` and ``out_dim``.
+        neck: a :class:`~reid_ms.MultiScaleSlidingWindow` of width ``feat_dim``, or ``None``.
+        head: a :class:`~reid_ms.BNNeckHead` of width ``feat_dim``; ``None`` builds one without classifier.
+        adapter: a :class:`~reid_ms.DimAdapter` from ``backbone.out_dim`` to the neck's width, or ``None``.
+
+    Attributes:
+        feat_dim: width of the embedding (the adapter's ``out_dim`` if there is one, else the backbone's).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        neck: Optional[MultiScaleSlidingWindow] = None,
+        head: Optional[BNNeckHead] = None,
+        adapter: Optional[DimAdapter] = None,
+    ) -> None:
+        super().__init__()
+        for attr in ("grid_size", "out_dim"):
+            if not hasattr(backbone, attr):
+                raise ConfigError(f"ReIDModel needs a backbone with a {attr!r} attribute (like reid_ms.VitTrans "
+                                  f"and reid_ms.ClipVisual); {type(backbone).__name__} has none")
+        width = backbone.out_dim
+        if adapter is not None:
+            if adapter.in_dim != width:
+                raise ConfigError(f"the adapter takes {adapter.in_dim}-wide tokens but the backbone returns "
+                                  f"{width}-wide ones; build DimAdapter(in_dim={width}, ...)")
+            width = adapter.out_dim
+        if neck is not None and neck.feat_dim != width:
+            raise ConfigError(f"the neck is {neck.feat_dim} wide but the tokens reaching it are {width} wide; "
+                              f"build MultiScaleSlidingWindow(feat_dim={width}, ...)")
+        head = BNNeckHead(width) if head is None else head
+        if head.feat_dim != width:
+            raise ConfigError(f"the head is {head.feat_dim} wide but the features reaching it are {width} wide; "
+                              f"build BNNeckHead(feat_dim={width}, ...)")
+        self.backbone = backbone
+        self.adapter = adapter
+        self.neck = neck
+        self.head = head
+        self.feat_dim = width
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """The backbone's patch grid ``(H, W)``."""
+        return tuple(self.backbone.grid_size)
+
+    def forward_tokens(self, images: torch.Tensor, cam_label: Label = None, view_label: Label = None) -> torch.Tensor:
+        """Images ``[B, C, img_h, img_w]`` -> the neck-enhanced tokens ``[B, 1 + H*W, feat_dim]``."""
+        tokens = self._tokens(images, cam_label, view_label)
+        return tokens if self.neck is None else self.neck(tokens, self.grid_size)
+
+    def forward_features(self, images: torch.Tensor, cam_label: Label = None,
+                         view_label: Label = None) -> torch.Tensor:
+        """Images -> the pooled feature ``[B, feat_dim]`` fed to the head (the neck-enhanced CLS)."""
+        tokens = self._tokens(images, cam_label, view_label)
+        cls = tokens[:, 0]
+        if self.neck is not None:
+            # only the CLS is used: add the neck's context without rebuilding the patch tokens
+            cls = cls + self.neck.context(tokens, self.grid_size)
+        return cls
+
+    def forward(
+        self, images: torch.Tensor, cam_label: Label = None, view_label: Label = None,
+    ) -> torch.Tensor | tuple[Optional[torch.Tensor], torch.Tensor]:
+        """Eval: the embedding ``[B, feat_dim]``; train: ``(logits or None, feature [B, feat_dim])``."""
+        return self.head(self.forward_features(images, cam_label, view_label))
+
+    def _tokens(self, images: torch.Tensor, cam_label: Label, view_label: Label) -> torch.Tensor:
+        tokens = self.backbone(images, cam_label=cam_label, view_label=view_label)
+        return tokens if self.adapter is None else self.adapter(tokens)

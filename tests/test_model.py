@@ -1,0 +1,174 @@
+"""Every registered model at a tiny size: forward, gradients, determinism, pretrained loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reid_ms
+from reid_ms import BNNeckHead, ConfigError, DimAdapter, MultiScaleSlidingWindow, ReIDModel, build, list_models
+from reid_ms.registry import get_spec
+
+IMG = (64, 32)
+TINY = {
+    reid_ms.VitTrans: dict(img_size=IMG, stride_size=12, embed_dim=32, depth=2, num_heads=4),
+    reid_ms.ClipVisual: dict(img_size=IMG, stride_size=12, width=32, layers=2, heads=4, output_dim=24),
+}
+
+
+def tiny_args(name: str, **extra) -> dict:
+    spec = get_spec(name)
+    args = dict(TINY[spec.backbone])
+    if spec.adapt_dim is not None:
+        args["adapt_dim"] = 40
+    return {**args, **extra}
+
+
+def images(batch: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, *IMG, generator=torch.Generator().manual_seed(seed))
+
+
+def wake_zero_layers(model: ReIDModel) -> None:
+    """The neck starts with its output layer at zero (see MultiScaleSlidingWindow); give it values as after
+    a first optimiser step, so that every parameter behind it is reachable by a gradient."""
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in (model.neck.parameters() if model.neck is not None else ()):
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_backward_eval(name):
+    torch.manual_seed(0)
+    model = build(name, num_classes=5, camera_num=3, view_num=2, **tiny_args(name))
+    spec = get_spec(name)
+    width = 40 if spec.adapt_dim else TINY[spec.backbone].get("output_dim", 32)
+    assert model.feat_dim == width and model.head.feat_dim == width
+    assert (model.neck is None) == (spec.neck_mode is None)
+    assert (model.adapter is None) == (spec.adapt_dim is None)
+    x, cams, views = images(), torch.tensor([0, 2, 1]), torch.tensor([1, 0, 1])
+
+    model.train()
+    wake_zero_layers(model)
+    logits, feature = model(x, cam_label=cams, view_label=views)
+    assert logits.shape == (3, 5) and feature.shape == (3, width)
+    gen = torch.Generator().manual_seed(1)
+    # random projections: a plain sum of a LayerNorm / BatchNorm output has no gradient
+    loss = (logits * torch.randn(3, 5, generator=gen)).sum() + (feature * torch.randn(3, width, generator=gen)).sum()
+    loss.backward()
+    for pname, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.any(), pname
+
+    model.eval()
+    emb = model(x, cam_label=cams, view_label=views)
+    assert emb.shape == (3, width) and torch.isfinite(emb).all()
+    assert torch.equal(emb, model(x, cam_label=cams, view_label=views))
+    tokens = model.forward_tokens(x, cam_label=cams, view_label=views)
+    assert tokens.shape == (3, 1 + 5 * 2, width)
+    torch.testing.assert_close(tokens[:, 0], emb)  # neck_feat="before": the enhanced CLS itself
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_pretrained_backbone(name, tmp_path):
+    args = tiny_args(name, camera_num=3)
+    torch.manual_seed(1)
+    source = build(name, **args).backbone
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # nothing equal to a fresh initialisation by chance
+    path = tmp_path / "backbone.pth"
+    torch.save(source.state_dict(), path)
+
+    torch.manual_seed(2)
+    model = build(name, pretrained=str(path), **args)
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[key], value), key
+    assert set(model.load_report.loaded) == set(source.state_dict())
+    x = images(2)
+    model.eval()
+    source.eval()
+    if model.neck is None and model.adapter is None:
+        torch.testing.assert_close(model(x, cam_label=[0, 1]), source(x, cam_label=[0, 1])[:, 0])
+    assert build(name, **args).load_report is None
+
+
+def test_fresh_neck_keeps_the_backbone_embedding():
+    torch.manual_seed(3)
+    plain = build("vit_b16", **tiny_args("vit_b16")).eval()
+    for name in ("vit_b16_ms", "vit_b16_ms_light"):
+        with_neck = build(name, **tiny_args(name)).eval()
+        with_neck.backbone.load_state_dict(plain.backbone.state_dict())
+        assert torch.equal(with_neck(images()), plain(images()))
+
+
+def _trained_head(prefix: str, width: int, classes: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    return {
+        f"{prefix}.weight": torch.rand(width, generator=gen) + 0.5,
+        f"{prefix}.bias": torch.zeros(width),
+        f"{prefix}.running_mean": torch.randn(width, generator=gen),
+        f"{prefix}.running_var": torch.rand(width, generator=gen) + 0.5,
+        f"{prefix}.num_batches_tracked": torch.tensor(1000),
+        f"{prefix.replace('bottleneck', 'classifier')}.weight": torch.randn(classes, width, generator=gen),
+    }
+
+
+@pytest.mark.parametrize("name, wrap, head_prefix, width", [
+    ("vit_b16_ms", "base.", "bottleneck", 32),     # TransReID: backbone under base.
+    ("clip_b16", "image_encoder.", "bottleneck_proj", 24),  # CLIP-ReID: BNNeck of the projected feature
+])
+def test_pretrained_reid_checkpoint_fills_the_head(name, wrap, head_prefix, width, tmp_path):
+    args = tiny_args(name, num_classes=7, neck_feat="after")
+    torch.manual_seed(4)
+    backbone = build(name, **args).backbone
+    gen = torch.Generator().manual_seed(4)
+    head = _trained_head(head_prefix, width, 7, gen)
+    state = {wrap + k: v for k, v in backbone.state_dict().items()} | head
+    if wrap == "image_encoder.":  # CLIP-ReID also holds a BNNeck of the unprojected feature: not ours
+        state |= {"bottleneck.weight": torch.ones(32), "bottleneck.bias": torch.zeros(32)}
+    path = tmp_path / "trained.pth"
+    torch.save({"model": state} if wrap == "base." else state, path)
+
+    model = build(name, pretrained=str(path), **args).eval()
+    report = model.load_report
+    assert {"head.bottleneck.weight", "head.bottleneck.running_var", "head.classifier.weight"} <= set(report.loaded)
+    assert not any(entry.startswith(head_prefix + ".") for entry in report.ignored)
+    assert torch.equal(model.head.classifier.weight, head[f"{head_prefix.replace('bottleneck', 'classifier')}.weight"])
+    x = images(2)
+    cls = backbone.eval()(x)[:, 0]
+    expected = ((cls - head[f"{head_prefix}.running_mean"]) / torch.sqrt(head[f"{head_prefix}.running_var"] + 1e-5)
+                * head[f"{head_prefix}.weight"])
+    torch.testing.assert_close(model(x), expected)
+
+    other = build(name, pretrained=str(path), **tiny_args(name, num_classes=3))  # another class count
+    assert "head.classifier.weight" not in other.load_report.loaded
+    assert any(entry.startswith(head_prefix.replace("bottleneck", "classifier")) for entry in other.load_report.ignored)
+    assert torch.equal(other.head.bottleneck.running_mean, head[f"{head_prefix}.running_mean"])
+
+
+def test_assembly_checks_widths():
+    backbone = reid_ms.VitTrans(**TINY[reid_ms.VitTrans])
+    with pytest.raises(ConfigError, match="feat_dim=32"):
+        ReIDModel(backbone, neck=MultiScaleSlidingWindow(16))
+    with pytest.raises(ConfigError, match="in_dim=32"):
+        ReIDModel(backbone, adapter=DimAdapter(16, 48))
+    with pytest.raises(ConfigError, match="feat_dim=48"):
+        ReIDModel(backbone, adapter=DimAdapter(32, 48), head=BNNeckHead(32))
+    model = ReIDModel(backbone, adapter=DimAdapter(32, 48), neck=MultiScaleSlidingWindow(48, (2,)))
+    assert model.feat_dim == 48 and model.head.num_classes == 0
+    assert model.eval()(images(2)).shape == (2, 48)
+
+
+@pytest.mark.full
+def test_full_size_widths_and_neck_parameters():
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    # one block each: the widths are the point here, not the depth
+    vit = build("vit_b16_ms", stride_size=12, depth=1)
+    clip = build("clip_b16_ms", layers=1)
+    adapt = build("clip_b16_adapt_ms_light", layers=1)
+    assert vit.backbone.grid_size == (21, 10) and vit.feat_dim == 768
+    assert count(vit.neck) == 768 * 768 * (16 + 64 + 256) + 3 * 768
+    assert clip.feat_dim == 512 and count(clip.neck) == 512 * 512 * (16 + 64 + 256) + 3 * 512
+    assert adapt.feat_dim == 768 and count(adapt.adapter) == 512 * 768 + 768
+    assert count(adapt.neck) == 768 * (16 + 64 + 256) + 3 * 768 + 768 * 768 + 768
