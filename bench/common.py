@@ -1,0 +1,42 @@
+"""Timing helpers shared by the bench scripts: interleaved A/B timing, the matmul peak, FLOPs."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 GFLOP/s of an ``n x n @ n x n`` matmul on this machine with the current thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternation so machine noise hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(rounds):
+        order = list(fns) if r % 2 == 0 else list(reversed(fns))
+        for name in order:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def vit_flops(tokens: int, dim: int, depth: int, mlp_ratio: float, patch_in: int, patches: int) -> int:
+    """FLOPs of one image through a ViT, by hand: patch conv, qkv, attention, projection, MLP."""
+    per_block = 2 * tokens * dim * (3 * dim + dim + 2 * int(mlp_ratio * dim)) + 4 * tokens * tokens * dim
+    return depth * per_block + 2 * patches * patch_in * dim
