@@ -1,0 +1,481 @@
+"""The ``reid-ms`` command: list and inspect models, extract features, evaluate, export to ONNX.
+
+    reid-ms list
+    reid-ms info vit_b16_ms --img-size 256 128 --stride 12
+    reid-ms extract vit_b16_ms --weights model.pth --images query/ --out query.npz
+    reid-ms eval --query-feats query.npz --gallery-feats gallery.npz
+    reid-ms eval vit_b16_ms --weights model.pth --query query/ --gallery bounding_box_test/
+    reid-ms export vit_b16_ms --weights model.pth --camera-num 6 --out model.onnx
+
+Model options shared by ``info``, ``extract``, ``eval`` and ``export``: ``--img-size``, ``--stride``,
+``--camera-num`` and ``--set key=value`` (any keyword of :func:`reid_ms.build`, value read as a Python
+literal, e.g. ``--set depth=2 --set "scales=(2, 4)"``), so a tiny model runs the whole pipeline in
+seconds. Without ``--weights`` the model is randomly initialised (seeded by ``--seed``) and a warning
+says so. Errors reid_ms raises (:class:`~reid_ms.ReidMsError`) end the command with one line on stderr
+and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import reid_ms
+from reid_ms.data import (
+    JUNK_PID, REID_MEAN, REID_STD, ReidImageFolder, eval_transform, list_images, parse_market_name,
+)
+from reid_ms.errors import CheckpointNotFoundError, ConfigError, InputError, ReidMsError
+from reid_ms.flops import count_flops
+from reid_ms.metrics import METRICS, evaluate
+
+_logger = logging.getLogger("reid_ms.cli")
+
+# Ranks ``eval`` reports, as re-ID papers do.
+REPORTED_RANKS = (1, 5, 10)
+
+
+# -- building the model ---------------------------------------------------------------------------
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"--set expects key=value with a Python identifier as key, got {item!r}")
+        try:
+            overrides[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[key] = text                     # a bare word such as mode=light stays a string
+    return overrides
+
+
+def _build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments for :func:`reid_ms.build`; options left unset keep the registry's defaults."""
+    kwargs = _parse_set(args.set)
+    for option, key, value in (("--img-size", "img_size", args.img_size and tuple(args.img_size)),
+                               ("--stride", "stride_size", args.stride),
+                               ("--camera-num", "camera_num", args.camera_num)):
+        if value is None:
+            continue
+        if key in kwargs:
+            raise ConfigError(f"{key} is given twice, by {option} and by --set; keep one")
+        kwargs[key] = value
+    return kwargs
+
+
+def _weights_path(weights: Optional[str]) -> Optional[Path]:
+    if weights is None:
+        return None
+    path = Path(weights)
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"--weights {weights!r} does not exist or is not a file")
+    return path
+
+
+def _build_model(args: argparse.Namespace) -> nn.Module:
+    """The model named on the command line, in eval mode, on ``args.device``."""
+    weights = _weights_path(args.weights)
+    if weights is None and args.command != "info":
+        _logger.warning("no --weights given: %s is randomly initialised (seed %d); its features are only "
+                        "good for trying the pipeline", args.name, args.seed)
+    torch.manual_seed(args.seed)
+    model = reid_ms.build(args.name, pretrained=None if weights is None else str(weights), **_build_kwargs(args))
+    return model.eval().to(args.device)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _settings(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
+    """Everything that changes the features; a resumed extraction must match it exactly."""
+    weights = _weights_path(args.weights)
+    build = {f"build.{k}": list(v) if isinstance(v, tuple) else v for k, v in _build_kwargs(args).items()}
+    return {
+        "model": args.name,
+        **build,
+        "weights_sha256": None if weights is None else _sha256(weights),
+        "seed": args.seed,                           # parts a checkpoint lacks keep their seeded init
+        "img_size": list(model.backbone.img_size),
+        "mean": list(args.mean),
+        "std": list(args.std),
+    }
+
+
+# -- feature extraction ---------------------------------------------------------------------------
+
+def _camera_labels(model: nn.Module, camids: torch.Tensor) -> Optional[torch.Tensor]:
+    # Only models built with a camera table take camera labels; the others would reject them.
+    return camids if model.backbone.camera_num > 0 else None
+
+
+def extract_features(
+    model: nn.Module, dataset: ReidImageFolder, batch_size: int, device: str, workers: int = 0,
+    desc: str = "extract", on_batch: Optional[Callable[[np.ndarray, np.ndarray], None]] = None,
+) -> np.ndarray:
+    """Embeddings ``[N, feat_dim]`` float32 of every image of ``dataset`` (in its order).
+
+    ``on_batch(indices, feats)`` is called after each batch with the dataset indices and their rows,
+    so a caller can save progress.
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    out = np.empty((len(dataset), model.feat_dim), dtype=np.float32)
+    camids = torch.tensor(dataset.camids, dtype=torch.long)
+    with torch.inference_mode(), tqdm(total=len(dataset), desc=desc, unit="img", leave=False) as bar:
+        for images, indices in loader:
+            cams = _camera_labels(model, camids[indices].to(device))
+            feats = model(images.to(device), cam_label=cams).float().cpu().numpy()
+            out[indices.numpy()] = feats
+            if on_batch is not None:
+                on_batch(indices.numpy(), feats)
+            bar.update(len(indices))
+    return out
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Write ``arrays`` to ``path`` atomically: a reader sees the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _load_npz(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in keys if k not in data.files]
+            if missing:
+                raise InputError(f"{str(path)!r} lacks {missing}; it was not written by 'reid-ms extract'")
+            return {k: data[k] for k in keys}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read features file {str(path)!r}: {exc}") from exc
+
+
+def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.save_every < 1:
+        raise ConfigError(f"--batch-size and --save-every must be >= 1, got {args.batch_size} and {args.save_every}")
+    out = Path(args.out)
+    files = list_images(args.images)
+    model = _build_model(args)
+    settings = _settings(args, model)
+    names = [f.name for f in files]
+
+    done: dict[str, np.ndarray] = {}
+    if out.exists() and not args.overwrite:
+        old = _load_npz(out, ("feats", "paths", "settings"))
+        diff = _settings_diff(json.loads(str(old["settings"])), settings)
+        if diff:
+            raise InputError(f"{str(out)!r} was extracted with other settings ({'; '.join(diff)}); pass "
+                             f"--overwrite to replace it or choose another --out")
+        done = dict(zip(old["paths"].tolist(), old["feats"]))
+        gone = set(done) - set(names)
+        if gone:
+            _logger.warning("%d images in %s are no longer in %s; dropping them", len(gone), out, args.images)
+    todo = [f for f in files if f.name not in done]
+    _logger.info("%s: %d images, %d already extracted, %d to go", out, len(files), len(files) - len(todo), len(todo))
+
+    def save() -> None:
+        kept = [n for n in names if n in done]
+        feats = np.stack([done[n] for n in kept]) if kept else np.zeros((0, model.feat_dim), np.float32)
+        ids = [parse_market_name(n) for n in kept]
+        _save_npz(out, feats=feats, pids=np.array([p for p, _ in ids], dtype=np.int64).reshape(-1),
+                  camids=np.array([c for _, c in ids], dtype=np.int64).reshape(-1),
+                  paths=np.array(kept, dtype=np.str_), settings=np.array(json.dumps(settings, sort_keys=True)))
+
+    if todo:
+        dataset = ReidImageFolder(args.images, eval_transform(model.backbone.img_size, args.mean, args.std), todo)
+        batches = 0
+
+        def on_batch(indices: np.ndarray, feats: np.ndarray) -> None:
+            nonlocal batches
+            for i, row in zip(indices, feats):
+                done[dataset.paths[i].name] = row
+            batches += 1
+            if batches % args.save_every == 0:
+                save()
+
+        extract_features(model, dataset, args.batch_size, args.device, args.workers, desc=out.name,
+                         on_batch=on_batch)
+    save()
+    print(f"wrote {len(names)} features of width {model.feat_dim} to {out}")
+    return 0
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+
+Features = tuple[np.ndarray, np.ndarray, np.ndarray]    # feats [N, D], pids [N], camids [N]
+
+
+def _drop_junk(feats: np.ndarray, pids: np.ndarray, camids: np.ndarray, what: str) -> Features:
+    # Market-1501's junk crops (person -1) are neither right nor wrong; TransReID's and CLIP-ReID's loaders
+    # drop them before evaluating, so the numbers here are comparable to theirs.
+    keep = pids != JUNK_PID
+    if not keep.all():
+        _logger.info("%s: ignoring %d junk images (person id %d)", what, int((~keep).sum()), JUNK_PID)
+    return feats[keep], pids[keep], camids[keep]
+
+
+def _features_from_dir(args: argparse.Namespace, model: nn.Module, folder: str, what: str) -> Features:
+    dataset = ReidImageFolder(folder, eval_transform(model.backbone.img_size, args.mean, args.std))
+    feats = extract_features(model, dataset, args.batch_size, args.device, args.workers, desc=what)
+    return feats, np.array(dataset.pids, dtype=np.int64), np.array(dataset.camids, dtype=np.int64)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from_files = args.query_feats is not None or args.gallery_feats is not None
+    from_dirs = args.query is not None or args.gallery is not None
+    if from_files == from_dirs:
+        raise ConfigError("give either --query-feats and --gallery-feats (files from 'reid-ms extract'), or "
+                          "--query and --gallery image folders with a model NAME")
+    if from_files:
+        if args.query_feats is None or args.gallery_feats is None:
+            raise ConfigError("--query-feats and --gallery-feats go together; give both")
+        if args.name is not None:
+            raise ConfigError(f"model {args.name!r} is not used with --query-feats/--gallery-feats; drop it")
+        query, gallery = (_load_npz(Path(p), ("feats", "pids", "camids", "settings"))
+                          for p in (args.query_feats, args.gallery_feats))
+        diff = _settings_diff(*(json.loads(str(d["settings"])) for d in (query, gallery)))
+        if diff:
+            raise InputError(f"{args.query_feats!r} and {args.gallery_feats!r} were extracted with different "
+                             f"settings ({'; '.join(diff)}); their features cannot be compared")
+        sets = [(d["feats"], d["pids"], d["camids"]) for d in (query, gallery)]
+    else:
+        if args.query is None or args.gallery is None or args.name is None:
+            raise ConfigError("evaluating image folders needs --query, --gallery and a model NAME")
+        model = _build_model(args)
+        sets = [_features_from_dir(args, model, folder, what)
+                for folder, what in ((args.query, "query"), (args.gallery, "gallery"))]
+    (qf, q_pids, q_cams), (gf, g_pids, g_cams) = (_drop_junk(*s, what) for s, what in zip(sets, ("query", "gallery")))
+    result = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=args.metric)
+    print(f"queries {result.num_valid_queries} valid of {len(qf)}, gallery {len(gf)}, metric {args.metric}")
+    for k in REPORTED_RANKS:
+        print(f"Rank-{k:<3d} {100 * result.rank(k):6.2f}%")
+    print(f"mAP      {100 * result.mAP:6.2f}%")
+    print(f"mINP     {100 * result.mINP:6.2f}%")
+    return 0
+
+
+# -- list / info ----------------------------------------------------------------------------------
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    for name in reid_ms.list_models():
+        print(name)
+    return 0
+
+
+def _count(module: Optional[nn.Module]) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    model = _build_model(args)
+    backbone = model.backbone
+    images = torch.zeros(1, backbone.in_chans, *backbone.img_size, device=args.device)
+    cams = torch.zeros(1, dtype=torch.long, device=args.device) if backbone.camera_num > 0 else None
+    views = torch.zeros(1, dtype=torch.long, device=args.device) if backbone.view_num > 0 else None
+    flops = count_flops(model, images, cam_label=cams, view_label=views)
+    grid = model.grid_size
+    neck = model.neck
+    print(f"model        {args.name} ({type(backbone).__name__}"
+          f"{' + DimAdapter' if model.adapter is not None else ''}"
+          f"{f' + {type(neck).__name__}' if neck is not None else ''})")
+    print(f"input        {backbone.img_size[0]}x{backbone.img_size[1]}, patch {backbone.patch_size[0]}, "
+          f"stride {backbone.stride_size[0]}x{backbone.stride_size[1]}")
+    print(f"grid         {grid[0]} x {grid[1]} = {grid[0] * grid[1]} patches (+1 CLS)")
+    print(f"tokens       {backbone.out_dim} wide; feature {model.feat_dim} wide "
+          f"({model.head.neck_feat} the BNNeck)")
+    print(f"neck         {'none' if neck is None else f'{neck.mode}, scales {tuple(neck.scales)}'}")
+    print(f"cameras      {backbone.camera_num}, views {backbone.view_num}")
+    print(f"parameters   {_count(model):,} (backbone {_count(backbone):,}, adapter {_count(model.adapter):,}, "
+          f"neck {_count(neck):,}, head {_count(model.head):,})")
+    print(f"FLOPs        {flops / 1e9:.4g} G per image ({flops:,}; multiply and add counted separately)")
+    return 0
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+class _Exported(nn.Module):
+    """The model with its label inputs as positional tensors (ONNX graphs take no keyword arguments)."""
+
+    def __init__(self, model: nn.Module, with_cam: bool, with_view: bool) -> None:
+        super().__init__()
+        self.model, self.with_cam, self.with_view = model, with_cam, with_view
+
+    def forward(self, images: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
+        it = iter(labels)
+        cam = next(it) if self.with_cam else None
+        view = next(it) if self.with_view else None
+        return self.model(images, cam_label=cam, view_label=view)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    try:
+        import onnx  # noqa: F401  (torch.onnx.export needs it; fail early with a clear message)
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"ONNX export needs the packages onnx and onnxscript ({exc}); "
+                          f"pip install 'reid-ms[dev]'") from exc
+    model = _build_model(args).to("cpu")
+    backbone = model.backbone
+    with_cam, with_view = backbone.camera_num > 0, backbone.view_num > 0
+    wrapper = _Exported(model, with_cam, with_view).eval()
+    batch = 2
+    images = torch.randn(batch, backbone.in_chans, *backbone.img_size)
+    labels = ([torch.arange(batch) % backbone.camera_num] if with_cam else []) + \
+             ([torch.arange(batch) % backbone.view_num] if with_view else [])
+    names = ["images"] + (["cam_label"] if with_cam else []) + (["view_label"] if with_view else [])
+    dim = torch.export.Dim("batch", min=1)
+    dynamic = {"images": {0: dim}, "labels": tuple({0: dim} for _ in labels)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # The exporter warns that it renames the batch axis it shares between inputs: expected here.
+        warnings.filterwarnings("ignore", message=".*axis name: batch will not be used")
+        torch.onnx.export(wrapper, (images, *labels), str(out), input_names=names, output_names=["features"],
+                          dynamic_shapes=dynamic, opset_version=args.opset, external_data=False, verbose=False)
+    print(f"wrote {out} (inputs {', '.join(names)}; output features [batch, {model.feat_dim}])")
+    try:
+        import onnxruntime
+    except ImportError:
+        _logger.info("onnxruntime is not installed; the exported graph was not run")
+        return 0
+    check_images = torch.randn(3, backbone.in_chans, *backbone.img_size)
+    check_labels = [(torch.arange(3) + 1) % n for n, used in ((backbone.camera_num, with_cam),
+                                                               (backbone.view_num, with_view)) if used]
+    with torch.inference_mode():
+        expected = wrapper(check_images, *check_labels).numpy()
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    feeds = dict(zip(names, [t.numpy() for t in (check_images, *check_labels)]))
+    got = session.run(["features"], feeds)[0]
+    err = float(np.abs(got - expected).max())
+    print(f"onnxruntime check: max abs difference to PyTorch {err:.2e} on a batch of 3")
+    if not err <= args.tolerance:
+        raise InputError(f"the exported graph {str(out)!r} differs from the PyTorch model by {err:.2e} "
+                         f"(> --tolerance {args.tolerance:g}); do not use it")
+    return 0
+
+
+# -- argument parsing -----------------------------------------------------------------------------
+
+def _add_model_options(parser: argparse.ArgumentParser, name_required: bool = True) -> None:
+    if name_required:
+        parser.add_argument("name", metavar="NAME", help="a registered model (see 'reid-ms list')")
+    else:
+        parser.add_argument("name", metavar="NAME", nargs="?", help="a registered model (with --query/--gallery)")
+    parser.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the model's)")
+    parser.add_argument("--stride", type=int, help="patch stride, e.g. 16 or 12 (default: the model's)")
+    parser.add_argument("--camera-num", type=int, help="cameras of the camera embedding (SIE); 0 for none")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other keyword of reid_ms.build, e.g. --set depth=2 --set embed_dim=64 (repeatable)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default 0)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", help="a local checkpoint; without it the model is randomly initialised")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0, help="image-loading processes (default 0: in-process)")
+    parser.add_argument("--mean", type=float, nargs=3, default=REID_MEAN, metavar=("R", "G", "B"),
+                        help="normalisation mean (default 0.5 0.5 0.5, as TransReID and CLIP-ReID)")
+    parser.add_argument("--std", type=float, nargs=3, default=REID_STD, metavar=("R", "G", "B"),
+                        help="normalisation std (default 0.5 0.5 0.5)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reid-ms", description="Re-ID backbones and necks: inspect, extract, "
+                                     "evaluate, export.")
+    parser.add_argument("--version", action="version", version=f"reid-ms {reid_ms.__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", parents=[common], help="names of the registered models")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("info", parents=[common], help="parameters, FLOPs, grid and widths of a model")
+    _add_model_options(p)
+    p.set_defaults(func=_cmd_info, weights=None)
+
+    p = sub.add_parser("extract", parents=[common], help="features of a folder of Market-1501-named images, to .npz")
+    _add_model_options(p)
+    _add_data_options(p)
+    p.add_argument("--images", required=True, help="folder of images named <pid>_c<camera>...")
+    p.add_argument("--out", required=True, help=".npz with feats, pids, camids, paths (resumed if it exists)")
+    p.add_argument("--save-every", type=int, default=20, help="save progress every N batches (default 20)")
+    p.add_argument("--overwrite", action="store_true", help="start over even if --out exists")
+    p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("eval", parents=[common], help="CMC rank-1/5/10, mAP and mINP (Market-1501 protocol)")
+    _add_model_options(p, name_required=False)
+    _add_data_options(p)
+    p.add_argument("--query-feats", help="query .npz written by 'reid-ms extract'")
+    p.add_argument("--gallery-feats", help="gallery .npz written by 'reid-ms extract'")
+    p.add_argument("--query", help="query image folder (with NAME)")
+    p.add_argument("--gallery", help="gallery image folder (with NAME)")
+    p.add_argument("--metric", choices=METRICS, default="cosine")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export", parents=[common], help="export a model to ONNX (checked with onnxruntime when installed)")
+    _add_model_options(p)
+    p.add_argument("--weights", help="a local checkpoint; without it the model is randomly initialised")
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="largest accepted difference between onnxruntime and PyTorch (default 1e-3)")
+    p.set_defaults(func=_cmd_export)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``reid-ms`` with ``argv`` (default: the process arguments); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    # Show reid_ms's own log records only (not those of torch.onnx & co.), on the current stderr; the
+    # handler is removed again so in-process calls (tests, notebooks) do not pile them up.
+    package_logger = logging.getLogger("reid_ms")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("reid-ms: %(message)s"))
+    old_level = package_logger.level
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        return args.func(args)
+    except ReidMsError as exc:
+        print(f"reid-ms: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(old_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The ``reid-ms`` command, run in-process on the bundled sample images with tiny models."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import reid_ms
+from reid_ms.cli import main
+from reid_ms.data import parse_market_name
+from reid_ms.errors import InputError
+
+SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample_data"
+
+# Tiny ViT + dense neck at the sample images' own size (128x64), so the resize is the identity and the
+# test can feed the model the decoded pixels itself.
+TINY = dict(img_size=(128, 64), embed_dim=64, depth=2, num_heads=4, scales=(2, 4), camera_num=4)
+TINY_ARGS = ["vit_b16_ms", "--img-size", "128", "64", "--camera-num", "4",
+             "--set", "embed_dim=64", "--set", "depth=2", "--set", "num_heads=4", "--set", "scales=(2, 4)"]
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def _tiny_model(seed: int, backbone_state: dict | None = None) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = reid_ms.build("vit_b16_ms", **TINY)
+    if backbone_state is not None:
+        model.backbone.load_state_dict(backbone_state)
+    return model.eval()
+
+
+def _expected_features(model: torch.nn.Module, folder: Path) -> tuple[list[str], np.ndarray]:
+    """Features computed here from the raw pixels: (x / 255 - 0.5) / 0.5, camera from the name."""
+    files = sorted(folder.iterdir())
+    images = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32))
+                          .permute(2, 0, 1) for f in files])
+    images = (images / 255.0 - 0.5) / 0.5
+    cams = torch.tensor([int(re.search(r"_c(\d)", f.name).group(1)) - 1 for f in files])
+    with torch.inference_mode():
+        return [f.name for f in files], model(images, cam_label=cams).numpy()
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    """Query and gallery features of the sample set, from a checkpoint written here."""
+    root = tmp_path_factory.mktemp("extract")
+    source = _tiny_model(seed=123)
+    weights = root / "backbone.pth"
+    torch.save(source.backbone.state_dict(), weights)
+    outs = {}
+    for split in ("query", "gallery"):
+        outs[split] = root / f"{split}.npz"
+        rc = main(["extract", *TINY_ARGS, "--weights", str(weights), "--images", str(SAMPLE / split),
+                   "--out", str(outs[split]), "--batch-size", "8", "-q"])
+        assert rc == 0
+    return dict(root=root, weights=weights, backbone_state=source.backbone.state_dict(), **outs)
+
+
+# -- data helpers --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, expected", [
+    ("0001_c1s1_000151_01.jpg", (1, 0)),
+    ("1501_c6s4_001902_01.jpg", (1501, 5)),
+    ("-1_c3s2_000123_02.jpg", (-1, 2)),
+    ("0000_c2s1_000001_01.png", (0, 1)),
+    ("0002_c002_00030600_0.jpg", (2, 1)),          # VeRi-style multi-digit camera
+])
+def test_parse_market_name(name, expected):
+    assert parse_market_name(Path("/some/dir") / name) == expected
+
+
+@pytest.mark.parametrize("name", ["img_001.jpg", "0001_s1_000151.jpg", "0001_c0s1_000151_01.jpg"])
+def test_parse_market_name_rejects(name):
+    with pytest.raises(InputError, match="Market-1501|start at 1"):
+        parse_market_name(name)
+
+
+def test_sample_data_layout():
+    query, gallery = sorted((SAMPLE / "query").iterdir()), sorted((SAMPLE / "gallery").iterdir())
+    assert len(query) == 7 and len(gallery) == 30
+    gallery_pids = [parse_market_name(f)[0] for f in gallery]
+    assert gallery_pids.count(-1) == 2 and gallery_pids.count(0) == 3
+    assert sum(f.stat().st_size for f in query + gallery) < 1_000_000
+    assert all(Image.open(f).size == (64, 128) for f in query + gallery)
+
+
+# -- list / info ---------------------------------------------------------------------------------
+
+def test_list(capsys):
+    rc, out, _ = _run(capsys, "list")
+    assert rc == 0
+    assert out.split() == reid_ms.list_models()
+    assert {"vit_b16", "vit_b16_ms", "clip_b16_ms_light", "clip_b16_adapt_ms"} <= set(out.split())
+
+
+def test_info_hand_counted(capsys):
+    rc, out, _ = _run(capsys, "info", "vit_b16", "--img-size", "64", "32", "--set", "embed_dim=64",
+                      "--set", "depth=2", "--set", "num_heads=4")
+    assert rc == 0
+    # 64x32 at patch/stride 16: grid 4 x 2, T = 9 tokens of width D = 64.
+    t, d = 9, 64
+    patch = 2 * 8 * (3 * 16 * 16) * d                     # 8 patches, one 768 -> 64 projection each
+    block = (2 * t * d * 3 * d                             # qkv
+             + 2 * (2 * t * t * d)                         # Q K^T and A V over all heads
+             + 2 * t * d * d                               # attention output projection
+             + 2 * (2 * t * d * 4 * d))                    # MLP fc1 and fc2
+    flops = patch + 2 * block
+    assert "4 x 2 = 8 patches" in out
+    assert f"({flops:,};" in out
+    params = sum(p.numel() for p in reid_ms.build("vit_b16", img_size=(64, 32), embed_dim=64, depth=2,
+                                                  num_heads=4).parameters())
+    assert f"parameters   {params:,}" in out
+    assert "neck         none" in out
+
+
+def test_info_neck_and_adapter(capsys):
+    rc, out, _ = _run(capsys, "info", "clip_b16_adapt_ms_light", "--img-size", "64", "32", "--stride", "12",
+                      "--set", "width=64", "--set", "layers=1", "--set", "heads=4", "--set", "output_dim=32",
+                      "--set", "adapt_dim=48", "--set", "scales=(2,)")
+    assert rc == 0
+    assert "(64 - 16) // 12 + 1" not in out and "5 x 2 = 10 patches" in out
+    assert "32 wide; feature 48 wide" in out
+    assert "light, scales (2,)" in out
+
+
+# -- extract / eval --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("split", ["query", "gallery"])
+def test_extract_matches_model(extracted, split):
+    model = _tiny_model(seed=0, backbone_state=extracted["backbone_state"])   # neck/head: the CLI's seed 0
+    names, expected = _expected_features(model, SAMPLE / split)
+    with np.load(extracted[split], allow_pickle=False) as data:
+        assert data["paths"].tolist() == names
+        np.testing.assert_allclose(data["feats"], expected, atol=1e-5, rtol=1e-5)
+        assert data["feats"].dtype == np.float32
+        pids, cams = data["pids"].tolist(), data["camids"].tolist()
+    by_name = dict(zip(names, zip(pids, cams)))
+    if split == "query":
+        assert by_name["0001_c2s1_863178_01.jpg"] == (1, 1)
+        assert by_name["0007_c3s1_352271_01.jpg"] == (7, 2)
+    else:
+        assert by_name["-1_c2s1_354973_01.jpg"] == (-1, 1)
+        assert by_name["0006_c4s1_158790_01.jpg"] == (6, 3)
+
+
+def test_extract_resumes_and_guards_settings(extracted, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    files = sorted((SAMPLE / "query").iterdir())
+    for f in files[:3]:
+        shutil.copy(f, images / f.name)
+    out = tmp_path / "q.npz"
+    base = ["extract", *TINY_ARGS, "--weights", extracted["weights"], "--images", images, "--out", out]
+    assert _run(capsys, *base)[0] == 0
+    # Mark the rows already done; a resumed run must keep them, not recompute them.
+    with np.load(out, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["feats"][:] = 7.0
+    np.savez(out, **arrays)
+    for f in files[3:]:
+        shutil.copy(f, images / f.name)
+    rc, _, err = _run(capsys, *base)
+    assert rc == 0 and "3 already extracted, 4 to go" in err
+    with np.load(out, allow_pickle=False) as data, np.load(extracted["query"], allow_pickle=False) as full:
+        assert data["paths"].tolist() == [f.name for f in files]
+        np.testing.assert_array_equal(data["feats"][:3], 7.0)
+        np.testing.assert_allclose(data["feats"][3:], full["feats"][3:], atol=1e-6)
+        np.testing.assert_array_equal(data["pids"], full["pids"])
+
+    rc, _, err = _run(capsys, *base, "--set", "neck_feat=after")
+    assert rc == 2 and "other settings" in err and "build.neck_feat: None -> 'after'" in err
+    with np.load(out, allow_pickle=False) as data:
+        np.testing.assert_array_equal(data["feats"][:3], 7.0)       # the refused run left the file alone
+    assert _run(capsys, *base, "--overwrite")[0] == 0
+    with np.load(out, allow_pickle=False) as data, np.load(extracted["query"], allow_pickle=False) as full:
+        np.testing.assert_allclose(data["feats"], full["feats"], atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "q.npz"]     # no temporary files left
+
+
+def _printed(out: str) -> dict[str, float]:
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(Rank-\d+|mAP|mINP)\s+([\d.]+)%", out, re.M)}
+
+
+def test_eval_from_files_and_from_folders(extracted, capsys):
+    rc, out, err = _run(capsys, "eval", "--query-feats", extracted["query"], "--gallery-feats", extracted["gallery"])
+    assert rc == 0
+    assert "queries 6 valid of 7, gallery 28" in out          # query 7 has no cross-camera match; 2 junk out
+    assert "ignoring 2 junk images" in err
+    printed = _printed(out)
+    assert set(printed) == {"Rank-1", "Rank-5", "Rank-10", "mAP", "mINP"}
+    with np.load(extracted["query"]) as q, np.load(extracted["gallery"]) as g:
+        keep = g["pids"] != -1
+        ref = reid_ms.metrics.evaluate(q["feats"], g["feats"][keep], q["pids"], g["pids"][keep], q["camids"],
+                                       g["camids"][keep])
+    assert printed["mAP"] == pytest.approx(100 * ref.mAP, abs=0.006)
+    assert printed["mINP"] == pytest.approx(100 * ref.mINP, abs=0.006)
+    assert printed["Rank-5"] == pytest.approx(100 * float(ref.cmc[4]), abs=0.006)
+
+    rc, out_dirs, _ = _run(capsys, "eval", *TINY_ARGS, "--weights", extracted["weights"],
+                           "--query", SAMPLE / "query", "--gallery", SAMPLE / "gallery")
+    assert rc == 0 and out_dirs == out
+
+
+def test_eval_refuses_features_of_different_models(extracted, tmp_path, capsys):
+    other = tmp_path / "gallery_random.npz"
+    assert main(["extract", *TINY_ARGS, "--images", str(SAMPLE / "gallery"), "--out", str(other), "-q"]) == 0
+    rc, _, err = _run(capsys, "eval", "--query-feats", extracted["query"], "--gallery-feats", other)
+    assert rc == 2 and "different settings" in err and "weights_sha256" in err
+
+
+# -- export ----------------------------------------------------------------------------------------
+
+def test_export_onnx_parity(tmp_path, capsys):
+    import onnxruntime
+
+    out = tmp_path / "model.onnx"
+    args = ["vit_b16_ms", "--img-size", "64", "32", "--camera-num", "3", "--set", "embed_dim=32",
+            "--set", "depth=1", "--set", "num_heads=2", "--set", "scales=(2,)", "--seed", "5"]
+    rc, printed, _ = _run(capsys, "export", *args, "--out", out)
+    assert rc == 0 and "onnxruntime check" in printed
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images", "cam_label"]
+    torch.manual_seed(5)
+    model = reid_ms.build("vit_b16_ms", img_size=(64, 32), camera_num=3, embed_dim=32, depth=1, num_heads=2,
+                          scales=(2,)).eval()
+    images, cams = torch.randn(5, 3, 64, 32), torch.tensor([2, 0, 1, 1, 2])   # another batch size than traced
+    with torch.inference_mode():
+        expected = model(images, cam_label=cams).numpy()
+    got = session.run(None, {"images": images.numpy(), "cam_label": cams.numpy()})[0]
+    assert got.shape == (5, 32)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    assert not np.allclose(got[0], got[3])       # the camera label reaches the graph
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["extract", "vit_b16", "--weights", "{tmp}/missing.pth", "--images", str(SAMPLE / "query"),
+      "--out", "{tmp}/x.npz"], "missing.pth' does not exist"),
+    (["info", "vit_b16_mss"], "did you mean 'vit_b16_ms'"),
+    (["info", "vit_b16", "--set", "depth"], "key=value"),
+    (["info", "vit_b16", "--stride", "16", "--set", "stride_size=12"], "given twice"),
+    (["extract", "vit_b16", "--images", "{tmp}/nowhere", "--out", "{tmp}/x.npz"], "does not exist"),
+    (["eval", "--query-feats", "{tmp}/q.npz"], "go together"),
+    (["eval"], "give either"),
+])
+def test_errors_exit_2_with_one_line(argv, message, tmp_path, capsys):
+    rc, out, err = _run(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert rc == 2
+    lines = [line for line in err.splitlines() if line.startswith("reid-ms: error:")]
+    assert len(lines) == 1 and message in lines[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "x.npz").exists()
