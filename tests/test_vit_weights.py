@@ -348,6 +348,12 @@ def test_nan_in_file_refused(tmp_path):
     failing_load(vit(), tmp_path / "vit.pth", "blocks.0.attn.qkv.weight")
 
 
+def test_wrong_model_type(tmp_path):
+    torch.save(timm_vit(img_size=(64, 32)).state_dict(), tmp_path / "vit.pth")
+    with pytest.raises(reid_ms.ConfigError, match="for a built model pass its backbone"):
+        load_vit_weights(torch.nn.Sequential(vit()), tmp_path / "vit.pth")
+
+
 def test_exported_from_package():
     assert reid_ms.load_vit_weights is load_vit_weights
     assert reid_ms.weights.load_vit_weights is load_vit_weights

@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import nn
 
-from reid_ms.errors import CheckpointError
+from reid_ms.backbones.vit import VitTrans
+from reid_ms.errors import CheckpointError, ConfigError
 from reid_ms.weights._common import LoadReport, load_all_or_nothing, resize_pos_grid, square_side
 from reid_ms.weights._io import flatten_state_dict, read_checkpoint
 
@@ -93,7 +93,7 @@ def _from_google_npz(w: dict[str, torch.Tensor], prefix: str, path: str) -> tupl
     return {k: v.contiguous() for k, v in state.items()}, ignored
 
 
-def _grid_hint(model: nn.Module, count: int) -> str:
+def _grid_hint(model: VitTrans, count: int) -> str:
     """Builder arguments of ``model``'s patch size that give ``count`` patches, as advice for an error."""
     ph, pw = model.patch_size
     hints = []
@@ -112,7 +112,7 @@ def _grid_hint(model: nn.Module, count: int) -> str:
     return "build the model with " + " or ".join(hints[:3])
 
 
-def _adapt_pos_embed(pos: torch.Tensor, n_prefix: int, model: nn.Module, path: str, kind: str,
+def _adapt_pos_embed(pos: torch.Tensor, n_prefix: int, model: VitTrans, path: str, kind: str,
                      report: LoadReport) -> torch.Tensor:
     """Position table ``[1, n_prefix + N, D]`` of the file -> ``[1, 1 + H*W, D]`` of the model."""
     if pos.dim() == 2:
@@ -145,7 +145,7 @@ def _rows_hint(rows: int) -> str:
             f"camera_num * view_num = {rows} if it was trained with both labels")
 
 
-def vit_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: nn.Module, path: str = "<state dict>",
+def vit_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: VitTrans, path: str = "<state dict>",
                           fmt: str = "state dict") -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Map a ViT checkpoint of any supported layout to ``model``'s keys, without touching ``model``.
 
@@ -202,6 +202,14 @@ def vit_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: nn.Module,
     state = kept
 
     target = model.state_dict()
+    proj = state.get("patch_embed.proj.weight")
+    want = target["patch_embed.proj.weight"]
+    if proj is not None and tuple(proj.shape) != tuple(want.shape):
+        raise CheckpointError(
+            f"{path!r} ({report.kind}): the patch embedding is {list(proj.shape)} [D, in_chans, kh, kw] in the "
+            f"file but {list(want.shape)} in the model; build the model with patch_size={tuple(proj.shape[2:])}, "
+            f"in_chans={proj.shape[1]} and embed_dim={proj.shape[0]} to use these weights")
+
     if "pos_embed" in state:
         n_prefix = 1
         if report.kind == "deit":
@@ -213,14 +221,6 @@ def vit_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: nn.Module,
             n_prefix = 2
             report.ignored.append("pos_embed[:, 1] (position of the DeiT distillation token)")
         state["pos_embed"] = _adapt_pos_embed(state["pos_embed"], n_prefix, model, path, report.kind, report)
-
-    proj = state.get("patch_embed.proj.weight")
-    want = target["patch_embed.proj.weight"]
-    if proj is not None and tuple(proj.shape) != tuple(want.shape):
-        raise CheckpointError(
-            f"{path!r} ({report.kind}): the patch embedding is {list(proj.shape)} [D, in_chans, kh, kw] in the "
-            f"file but {list(want.shape)} in the model; build the model with patch_size={tuple(proj.shape[2:])}, "
-            f"in_chans={proj.shape[1]} and embed_dim={proj.shape[0]} to use these weights")
 
     has_table = "sie_embed" in target
     if "sie_embed" in state:
@@ -241,7 +241,7 @@ def vit_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: nn.Module,
     return state, report
 
 
-def load_vit_weights(model: nn.Module, path: str | os.PathLike) -> LoadReport:
+def load_vit_weights(model: VitTrans, path: str | os.PathLike) -> LoadReport:
     """Load a ViT checkpoint file into ``model`` (a :class:`~reid_ms.VitTrans`), all of it or nothing.
 
     Reads timm / jx / DeiT ImageNet ``.pth`` files, ImageNet-21k files, Google ``.npz`` files,
@@ -253,6 +253,9 @@ def load_vit_weights(model: nn.Module, path: str | os.PathLike) -> LoadReport:
     Returns:
         A :class:`~reid_ms.LoadReport` of what was loaded, ignored, resized and kept at initialisation.
     """
+    if not isinstance(model, VitTrans):
+        raise ConfigError(f"load_vit_weights loads into reid_ms.VitTrans, got {type(model).__name__}; "
+                          f"for a built model pass its backbone, for a ClipVisual use load_clip_weights")
     path = os.fspath(path)
     obj, fmt = read_checkpoint(path)
     tensors, ignored = flatten_state_dict(obj, path)
