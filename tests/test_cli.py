@@ -187,6 +187,34 @@ def test_extract_resumes_and_guards_settings(extracted, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "q.npz"]     # no temporary files left
 
 
+def test_extract_interrupted_keeps_saved_batches(extracted, tmp_path, capsys, monkeypatch):
+    import reid_ms.cli as cli
+
+    calls = {"n": 0}
+    real = cli._camera_labels
+
+    def stop_at_third_batch(model, camids):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(model, camids)
+
+    out = tmp_path / "q.npz"
+    argv = ["extract", *TINY_ARGS, "--weights", extracted["weights"], "--images", SAMPLE / "query",
+            "--out", out, "--batch-size", "2", "--save-every", "1"]
+    monkeypatch.setattr(cli, "_camera_labels", stop_at_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _run(capsys, *argv)
+    with np.load(out, allow_pickle=False) as data:
+        assert len(data["paths"]) == 4 and len(data["feats"]) == 4 and len(data["pids"]) == 4
+    monkeypatch.setattr(cli, "_camera_labels", real)
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 0 and "4 already extracted, 3 to go" in err
+    with np.load(out, allow_pickle=False) as data, np.load(extracted["query"], allow_pickle=False) as full:
+        np.testing.assert_allclose(data["feats"], full["feats"], atol=1e-6)
+    assert [p.name for p in tmp_path.iterdir()] == ["q.npz"]
+
+
 def _printed(out: str) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(Rank-\d+|mAP|mINP)\s+([\d.]+)%", out, re.M)}
 

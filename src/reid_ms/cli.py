@@ -132,8 +132,9 @@ def _camera_labels(model: nn.Module, camids: torch.Tensor) -> Optional[torch.Ten
 def extract_features(
     model: nn.Module, dataset: ReidImageFolder, batch_size: int, device: str, workers: int = 0,
     desc: str = "extract", on_batch: Optional[Callable[[np.ndarray, np.ndarray], None]] = None,
+    progress: bool = True,
 ) -> np.ndarray:
-    """Embeddings ``[N, feat_dim]`` float32 of every image of ``dataset`` (in its order).
+    """Embeddings ``[N, feat_dim]`` float32 of every image of ``dataset`` (in its order), with a progress bar.
 
     ``on_batch(indices, feats)`` is called after each batch with the dataset indices and their rows,
     so a caller can save progress.
@@ -141,7 +142,8 @@ def extract_features(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     out = np.empty((len(dataset), model.feat_dim), dtype=np.float32)
     camids = torch.tensor(dataset.camids, dtype=torch.long)
-    with torch.inference_mode(), tqdm(total=len(dataset), desc=desc, unit="img", leave=False) as bar:
+    with torch.inference_mode(), tqdm(total=len(dataset), desc=desc, unit="img", leave=False,
+                                        disable=not progress) as bar:
         for images, indices in loader:
             cams = _camera_labels(model, camids[indices].to(device))
             feats = model(images.to(device), cam_label=cams).float().cpu().numpy()
@@ -224,7 +226,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                 save()
 
         extract_features(model, dataset, args.batch_size, args.device, args.workers, desc=out.name,
-                         on_batch=on_batch)
+                         on_batch=on_batch, progress=not args.quiet)
     save()
     print(f"wrote {len(names)} features of width {model.feat_dim} to {out}")
     return 0
@@ -246,7 +248,8 @@ def _drop_junk(feats: np.ndarray, pids: np.ndarray, camids: np.ndarray, what: st
 
 def _features_from_dir(args: argparse.Namespace, model: nn.Module, folder: str, what: str) -> Features:
     dataset = ReidImageFolder(folder, eval_transform(model.backbone.img_size, args.mean, args.std))
-    feats = extract_features(model, dataset, args.batch_size, args.device, args.workers, desc=what)
+    feats = extract_features(model, dataset, args.batch_size, args.device, args.workers, desc=what,
+                             progress=not args.quiet)
     return feats, np.array(dataset.pids, dtype=np.int64), np.array(dataset.camids, dtype=np.int64)
 
 
