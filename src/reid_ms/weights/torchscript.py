@@ -39,8 +39,7 @@ _STORAGE_DTYPES = {
 class _StorageType:
     """What ``torch.FloatStorage`` and friends unpickle to: only the dtype the storage bytes hold."""
 
-    def __init__(self, name: str, dtype: torch.dtype) -> None:
-        self.name = name
+    def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
 
 
@@ -109,7 +108,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
         if (module, name) in _ALLOWED_FUNCTIONS:
             return _ALLOWED_FUNCTIONS[(module, name)]
         if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(name, _STORAGE_DTYPES[name])
+            return _StorageType(_STORAGE_DTYPES[name])
         if module == "__torch__" or module.startswith("__torch__."):
             return self._records.setdefault((module, name), _record_class(module, name))
         raise UnsafeCheckpointError(
