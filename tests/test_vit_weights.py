@@ -368,7 +368,9 @@ def test_vit_base_patch16_224_into_reid_grid_matches_timm(tmp_path):
     src = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=1000)
     state = src.state_dict()
     torch.save(state, tmp_path / "jx_vit_base_p16_224.pth")
-    model = VitTrans(img_size=(256, 128), stride_size=16, drop_path_rate=0.0).eval()
+    with torch.device("meta"):  # uninitialised memory: the load must fill every tensor
+        model = VitTrans(img_size=(256, 128), stride_size=16, drop_path_rate=0.0)
+    model = model.to_empty(device="cpu").eval()
     report = load_vit_weights(model, tmp_path / "jx_vit_base_p16_224.pth")
     assert report.resized == {"pos_embed": ((1, 197, 768), (1, 129, 768))}
 

@@ -94,7 +94,8 @@ class VitTrans(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
 
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        # on the CPU explicitly, so the model can also be built under `with torch.device("meta")`
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
                   attn_drop=attn_drop_rate, drop_path=dpr[i], act_layer=nn.GELU, norm_layer=norm_layer)
