@@ -27,7 +27,7 @@ from reid_ms.heads import BNNeckHead
 from reid_ms.model import ReIDModel
 from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow
 from reid_ms.weights import load_clip_weights, load_vit_weights
-from reid_ms.weights._common import LoadReport
+from reid_ms.weights._common import LoadReport, cast_like
 from reid_ms.weights._io import flatten_state_dict, read_checkpoint
 
 logger = logging.getLogger("reid_ms.registry")
@@ -207,13 +207,21 @@ def _load_head(head: BNNeckHead, spec: ModelSpec, report: LoadReport) -> None:
         logger.info("%s: the trained BNNeck under %r does not fit the %d-wide head; the head keeps its "
                     "initialisation", report.path, prefix, head.feat_dim)
         return
-    head.bottleneck.load_state_dict({k: v.to(target[k].dtype) for k, v in state.items()})
+    # every tensor is checked (dtype kind, finite) before the first one is copied: all of the head or none
+    checked = cast_like({prefix + k: v for k, v in state.items()}, {prefix + k: v for k, v in target.items()},
+                        report.path, report.kind)
+    weight = tensors.get(spec.classifier_key) if spec.classifier_key else None
+    use_classifier = (head.classifier is not None and weight is not None
+                      and weight.shape == head.classifier.weight.shape)
+    if use_classifier:
+        weight = cast_like({spec.classifier_key: weight}, {spec.classifier_key: head.classifier.weight},
+                           report.path, report.kind)[spec.classifier_key]
+    head.bottleneck.load_state_dict({k: checked[prefix + k] for k in target})
     used = [prefix + k for k in target if prefix + k in tensors]
     loaded = [f"head.bottleneck.{k}" for k in target if prefix + k in tensors]
-    weight = tensors.get(spec.classifier_key) if spec.classifier_key else None
-    if head.classifier is not None and weight is not None and weight.shape == head.classifier.weight.shape:
+    if use_classifier:
         with torch.no_grad():
-            head.classifier.weight.copy_(weight.to(head.classifier.weight.dtype))
+            head.classifier.weight.copy_(weight)
         used.append(spec.classifier_key)
         loaded.append("head.classifier.weight")
     report.loaded += loaded

@@ -73,11 +73,33 @@ def check_finite(state: dict[str, torch.Tensor], path: str) -> None:
             raise CheckpointError(f"{path!r}: tensor {k!r} holds NaN or infinite values; the file is damaged")
 
 
+def cast_like(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], path: str,
+              kind: str) -> dict[str, torch.Tensor]:
+    """``state`` cast to the dtypes of ``target`` (same keys), refusing casts that would change values.
+
+    Floating point goes to floating point (fp16 / bf16 / fp64 files into an fp32 model) and integers to
+    integers; an integer, boolean or complex tensor where the model holds floats (or the reverse) means
+    the file is not what it claims to be, and non-finite floats mean it is damaged.
+    """
+    out = {}
+    for k, v in state.items():
+        want = target[k].dtype
+        same_kind = (v.is_floating_point() == want.is_floating_point and not v.is_complex()
+                     and (v.dtype == torch.bool) == (want == torch.bool))
+        if not same_kind:
+            raise CheckpointError(f"{path!r} ({kind}): {k!r} is stored as {v.dtype} but the model holds {want}; "
+                                  f"the file is damaged or was not written from a model of this kind")
+        out[k] = v.to(dtype=want)
+    check_finite(out, path)
+    return out
+
+
 def load_all_or_nothing(model: nn.Module, state: dict[str, torch.Tensor], report: LoadReport) -> LoadReport:
     """Copy ``state`` into ``model`` only if it matches every key and shape; the model is untouched otherwise.
 
     ``state`` must name every tensor of ``model.state_dict()``. Tensors are cast to the dtype of the
-    model's own tensor (fp16 OpenAI weights into an fp32 model) and values are checked to be finite.
+    model's own tensor (fp16 OpenAI weights into an fp32 model; see :func:`cast_like`) and values are
+    checked to be finite.
     """
     target = model.state_dict()
     missing = [k for k in target if k not in state]
@@ -95,8 +117,7 @@ def load_all_or_nothing(model: nn.Module, state: dict[str, torch.Tensor], report
                 f"{report.path!r} ({report.kind}): {k!r} has shape {list(state[k].shape)} in the file but "
                 f"{list(t.shape)} in the model; build the model with the sizes the checkpoint was trained with"
             )
-    check_finite(state, report.path)
-    cast = {k: v.to(dtype=target[k].dtype) for k, v in state.items()}
+    cast = cast_like(state, target, report.path, report.kind)
     model.load_state_dict(cast, strict=True)
     report.loaded = sorted(k for k in cast if k not in report.kept_init)
     logger.info("%s", report)

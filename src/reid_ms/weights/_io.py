@@ -12,6 +12,7 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,9 +37,16 @@ def sniff_format(path: str) -> str:
         try:
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError) as e:
+                # torch.load does not check the members' CRC-32, so a flipped byte in a tensor would load
+                # as a silently different weight: check every member once here.
+                bad = zf.testzip()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError,
+                zlib.error) as e:
             raise CheckpointError(f"{path!r} looks like a zip archive but cannot be opened ({e}); "
                                   f"the file is damaged or incomplete: download it again") from e
+        if bad is not None:
+            raise CheckpointError(f"{path!r}: the archive member {bad!r} fails its CRC-32 check; the file is "
+                                  f"damaged: download it again")
         if names and all(n.endswith(".npy") for n in names):
             return FORMAT_NPZ
         if any(n.endswith("constants.pkl") for n in names):

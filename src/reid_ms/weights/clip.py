@@ -98,6 +98,9 @@ def _adapt_positional_embedding(pos: torch.Tensor, model: ClipVisual, path: str,
     if pos.dim() != 2 or pos.shape[0] < 2:
         raise CheckpointError(f"{path!r} ({report.kind}): 'positional_embedding' has shape {list(pos.shape)}, "
                               f"expected [1 + patches, width]")
+    if not pos.is_floating_point():
+        raise CheckpointError(f"{path!r} ({report.kind}): 'positional_embedding' is stored as {pos.dtype}, not "
+                              f"floating point; the file is damaged or not a CLIP checkpoint")
     count = pos.shape[0] - 1
     if count == model.num_patches:
         return pos  # CLIP-ReID's own checkpoints are stored at their training grid: copied as stored

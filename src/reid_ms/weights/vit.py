@@ -115,6 +115,9 @@ def _grid_hint(model: VitTrans, count: int) -> str:
 def _adapt_pos_embed(pos: torch.Tensor, n_prefix: int, model: VitTrans, path: str, kind: str,
                      report: LoadReport) -> torch.Tensor:
     """Position table ``[1, n_prefix + N, D]`` of the file -> ``[1, 1 + H*W, D]`` of the model."""
+    if not pos.is_floating_point():
+        raise CheckpointError(f"{path!r} ({kind}): 'pos_embed' is stored as {pos.dtype}, not floating point; "
+                              f"the file is damaged or not a ViT checkpoint")
     if pos.dim() == 2:
         pos = pos.unsqueeze(0)
     if pos.dim() != 3 or pos.shape[0] != 1 or pos.shape[1] <= n_prefix:
