@@ -31,8 +31,21 @@ def grid_size(img_size: tuple[int, int], patch_size: tuple[int, int], stride_siz
     return tuple((i - p) // s + 1 for i, p, s in zip(img_size, patch_size, stride_size))  # type: ignore[return-value]
 
 
-def check_images(images: torch.Tensor, in_chans: int, img_size: tuple[int, int], owner: str) -> None:
-    """Raise :class:`InputError` unless ``images`` is a float ``[B, in_chans, *img_size]`` batch."""
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type without autocast (meta)
+        return False
+
+
+def check_images(images: torch.Tensor, in_chans: int, img_size: tuple[int, int], owner: str,
+                 dtype: torch.dtype | None = None) -> None:
+    """Raise :class:`InputError` unless ``images`` is a float ``[B, in_chans, *img_size]`` batch.
+
+    With ``dtype`` (the model's parameter dtype) the images must have it too, unless autocast is on for
+    their device (it casts per operation). Images are not cast silently: a float64 batch from NumPy or
+    an fp16 batch meant for ``model.half()`` is named in the error instead.
+    """
     if not isinstance(images, torch.Tensor):
         raise InputError(f"{owner} expects a tensor of images [B, {in_chans}, {img_size[0]}, {img_size[1]}], "
                          f"got {type(images).__name__}")
@@ -51,15 +64,27 @@ def check_images(images: torch.Tensor, in_chans: int, img_size: tuple[int, int],
     if (h, w) != tuple(img_size):
         raise InputError(f"{owner} was built for images of {img_size[0]}x{img_size[1]}, got {h}x{w}; "
                          f"resize the images or build the model with img_size=({h}, {w})")
+    if dtype is not None and images.dtype != dtype and not _autocast_on(images.device.type):
+        raise InputError(f"{owner} holds {dtype} weights, got images of dtype {images.dtype}; convert them with "
+                         f"images.to({dtype}) or run the model under torch.autocast")
 
 
 def side_info_rows(camera_num: int, view_num: int) -> int:
     """Rows of the camera/view table: ``camera_num * view_num`` with both, else the one given, else 0."""
+    for name, value in (("camera_num", camera_num), ("view_num", view_num)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{name} must be an int >= 0 (0: no table), got {value!r}")
     if camera_num < 0 or view_num < 0:
         raise ConfigError(f"camera_num and view_num must be >= 0, got {camera_num} and {view_num}")
     if camera_num > 0 and view_num > 0:
         return camera_num * view_num
     return max(camera_num, view_num)
+
+
+def _check_int64(value: int, name: str) -> None:
+    if not -(2 ** 63) <= value < 2 ** 63:
+        raise InputError(f"{name} holds {value}, which does not fit a 64-bit integer; labels are 0-based "
+                         f"camera/view indices")
 
 
 def _as_labels(label: Label, name: str, batch: int, device: torch.device) -> torch.Tensor:
@@ -69,8 +94,11 @@ def _as_labels(label: Label, name: str, batch: int, device: torch.device) -> tor
                              f"pass {name}.long()")
         label = label.to(device=device, dtype=torch.long)
     elif isinstance(label, int) and not isinstance(label, bool):
+        _check_int64(label, name)
         label = torch.full((batch,), label, dtype=torch.long, device=device)
     elif isinstance(label, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in label):
+        for v in label:
+            _check_int64(v, name)
         label = torch.tensor(list(label), dtype=torch.long, device=device)
     else:
         raise InputError(f"{name} must be an int, a sequence of ints or an integer tensor, got {label!r}")

@@ -197,7 +197,7 @@ class ClipVisual(nn.Module):
 
         The CLS token comes first, then the patches row by row.
         """
-        check_images(images, self.in_chans, self.img_size, "ClipVisual")
+        check_images(images, self.in_chans, self.img_size, "ClipVisual", self.conv1.weight.dtype)
         b = images.shape[0]
         rows = side_info_index(cam_label, view_label, self.camera_num, self.view_num, b, images.device,
                                "ClipVisual")

@@ -78,6 +78,12 @@ class VitTrans(nn.Module):
         if embed_dim % num_heads:
             raise ConfigError(f"VitTrans: embed_dim={embed_dim} is not divisible by num_heads={num_heads}; "
                               f"pick a head count that divides the width (ViT-B: 768 and 12)")
+        if not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
+            raise ConfigError(f"VitTrans: mlp_ratio must be positive, got {mlp_ratio!r}")
+        for name, value in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
+                            ("drop_path_rate", drop_path_rate)):
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ConfigError(f"VitTrans: {name} must lie in [0, 1), got {value!r}")
         rows = side_info_rows(camera_num, view_num)
         self.in_chans = in_chans
         self.embed_dim = self.out_dim = embed_dim
@@ -138,7 +144,7 @@ class VitTrans(nn.Module):
 
     def embed(self, images: torch.Tensor, cam_label: Label = None, view_label: Label = None) -> torch.Tensor:
         """Images ``[B, C, img_h, img_w]`` -> tokens before the blocks ``[B, 1 + H*W, D]``, CLS first."""
-        check_images(images, self.in_chans, self.img_size, "VitTrans")
+        check_images(images, self.in_chans, self.img_size, "VitTrans", self.patch_embed.proj.weight.dtype)
         row = side_info_index(cam_label, view_label, self.camera_num, self.view_num, images.shape[0],
                               images.device, "VitTrans")
         x = self.patch_embed(images)
