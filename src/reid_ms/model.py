@@ -11,6 +11,7 @@ from reid_ms.backbones._common import Label
 from reid_ms.errors import ConfigError
 from reid_ms.heads import BNNeckHead
 from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow
+from reid_ms.weights._common import LoadReport
 
 
 class ReIDModel(nn.Module):
@@ -31,6 +32,8 @@ class ReIDModel(nn.Module):
 
     Attributes:
         feat_dim: width of the embedding (the adapter's ``out_dim`` if there is one, else the backbone's).
+        model_name: the registered name it was built from (:func:`~reid_ms.build`), else ``None``.
+        load_report: the :class:`~reid_ms.LoadReport` of ``build(..., pretrained=path)``, else ``None``.
     """
 
     def __init__(
@@ -63,6 +66,8 @@ class ReIDModel(nn.Module):
         self.neck = neck
         self.head = head
         self.feat_dim = width
+        self.model_name: Optional[str] = None
+        self.load_report: Optional[LoadReport] = None
 
     @property
     def grid_size(self) -> tuple[int, int]:

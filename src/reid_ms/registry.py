@@ -180,7 +180,6 @@ def build(name: str, pretrained: str | os.PathLike | None = None, **overrides: A
     head = BNNeckHead(width, **routed["head"])
     model = ReIDModel(backbone, neck=neck, head=head, adapter=adapter)
     model.model_name = name
-    model.load_report = None
     if pretrained is not None:
         report = spec.loader(backbone, pretrained)
         if spec.head_prefix is not None:
