@@ -27,3 +27,4 @@ from reid_ms.backbones.clip import ClipVisual  # noqa: E402
 from reid_ms.weights.clip import load_clip_weights  # noqa: E402
 from reid_ms.model import ReIDModel  # noqa: E402
 from reid_ms.registry import ModelSpec, build, list_models, register  # noqa: E402
+from reid_ms.export import export_onnx, export_program  # noqa: E402

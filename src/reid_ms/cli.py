@@ -25,7 +25,6 @@ import logging
 import os
 import sys
 import tempfile
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -41,6 +40,7 @@ from reid_ms.data import (
     JUNK_PID, REID_MEAN, REID_STD, ReidImageFolder, eval_transform, list_images, parse_market_name,
 )
 from reid_ms.errors import CheckpointNotFoundError, ConfigError, InputError, ReidMsError
+from reid_ms.export import export_onnx, onnx_max_error
 from reid_ms.flops import count_flops
 from reid_ms.metrics import METRICS, evaluate
 
@@ -326,61 +326,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 # -- export ---------------------------------------------------------------------------------------
 
-class _Exported(nn.Module):
-    """The model with its label inputs as positional tensors (ONNX graphs take no keyword arguments)."""
-
-    def __init__(self, model: nn.Module, with_cam: bool, with_view: bool) -> None:
-        super().__init__()
-        self.model, self.with_cam, self.with_view = model, with_cam, with_view
-
-    def forward(self, images: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
-        it = iter(labels)
-        cam = next(it) if self.with_cam else None
-        view = next(it) if self.with_view else None
-        return self.model(images, cam_label=cam, view_label=view)
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
-    try:
-        import onnx  # noqa: F401  (torch.onnx.export needs it; fail early with a clear message)
-        import onnxscript  # noqa: F401
-    except ImportError as exc:
-        raise ConfigError(f"ONNX export needs the packages onnx and onnxscript ({exc}); "
-                          f"pip install 'reid-ms[dev]'") from exc
     model = _build_model(args).to("cpu")
-    backbone = model.backbone
-    with_cam, with_view = backbone.camera_num > 0, backbone.view_num > 0
-    wrapper = _Exported(model, with_cam, with_view).eval()
-    batch = 2
-    images = torch.randn(batch, backbone.in_chans, *backbone.img_size)
-    labels = ([torch.arange(batch) % backbone.camera_num] if with_cam else []) + \
-             ([torch.arange(batch) % backbone.view_num] if with_view else [])
-    names = ["images"] + (["cam_label"] if with_cam else []) + (["view_label"] if with_view else [])
-    dim = torch.export.Dim("batch", min=1)
-    dynamic = {"images": {0: dim}, "labels": tuple({0: dim} for _ in labels)}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        # The exporter warns that it renames the batch axis it shares between inputs: expected here.
-        warnings.filterwarnings("ignore", message=".*axis name: batch will not be used")
-        torch.onnx.export(wrapper, (images, *labels), str(out), input_names=names, output_names=["features"],
-                          dynamic_shapes=dynamic, opset_version=args.opset, external_data=False, verbose=False)
+    names = export_onnx(model, out, opset=args.opset)
     print(f"wrote {out} (inputs {', '.join(names)}; output features [batch, {model.feat_dim}])")
     try:
-        import onnxruntime
+        import onnxruntime  # noqa: F401
     except ImportError:
         _logger.info("onnxruntime is not installed; the exported graph was not run")
         return 0
-    check_images = torch.randn(3, backbone.in_chans, *backbone.img_size)
-    check_labels = [(torch.arange(3) + 1) % n for n, used in ((backbone.camera_num, with_cam),
-                                                               (backbone.view_num, with_view)) if used]
-    with torch.inference_mode():
-        expected = wrapper(check_images, *check_labels).numpy()
-    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    feeds = dict(zip(names, [t.numpy() for t in (check_images, *check_labels)]))
-    got = session.run(["features"], feeds)[0]
-    err = float(np.abs(got - expected).max())
-    print(f"onnxruntime check: max abs difference to PyTorch {err:.2e} on a batch of 3")
+    batch = 3                                    # not the traced batch size: checks the dynamic dimension
+    err = onnx_max_error(model, out, batch=batch, seed=args.seed)
+    print(f"onnxruntime check: max abs difference to PyTorch {err:.2e} on a batch of {batch}")
     if not err <= args.tolerance:
         raise InputError(f"the exported graph {str(out)!r} differs from the PyTorch model by {err:.2e} "
                          f"(> --tolerance {args.tolerance:g}); do not use it")

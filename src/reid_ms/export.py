@@ -1,0 +1,123 @@
+"""Export a built model with its camera/view labels as graph inputs: ``torch.export`` and ONNX.
+
+    program = export_program(model)                    # torch.export.ExportedProgram
+    emb = program.module()(images, cam_label=cams)     # any batch size
+    names = export_onnx(model, "model.onnx")           # ["images", "cam_label"]
+    err = onnx_max_error(model, "model.onnx")          # onnxruntime vs PyTorch, max abs difference
+
+The graphs take exactly the inputs the model needs: ``images`` always, ``cam_label`` when it was built
+with ``camera_num > 0``, ``view_label`` when ``view_num > 0`` (int64, one per image). The batch
+dimension is dynamic and shared by all inputs. The exported computation is the eval-mode embedding
+``[B, feat_dim]``; label range checks are eager-only (see ``reid_ms.backbones._common``), so an exported
+graph trusts its labels.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from reid_ms.errors import ConfigError, InputError
+
+__all__ = ["example_inputs", "export_program", "export_onnx", "onnx_max_error"]
+
+# Batch of the example inputs traced; 1 would let the exporter specialise the batch dimension to a constant.
+EXAMPLE_BATCH = 2
+
+
+def _label_counts(model: nn.Module) -> dict[str, int]:
+    """``{"cam_label": camera_num, "view_label": view_num}`` for the tables ``model``'s backbone has."""
+    backbone = getattr(model, "backbone", model)
+    counts = {"cam_label": getattr(backbone, "camera_num", 0), "view_label": getattr(backbone, "view_num", 0)}
+    return {name: n for name, n in counts.items() if n > 0}
+
+
+def example_inputs(model: nn.Module, batch: int = EXAMPLE_BATCH,
+                   generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
+    """Random inputs the model accepts, by graph input name.
+
+    Returns:
+        ``{"images": [batch, C, img_h, img_w] float32}``, plus ``"cam_label"`` / ``"view_label"``
+        ``[batch]`` int64 in range for the tables the model was built with.
+    """
+    backbone = getattr(model, "backbone", model)
+    if not hasattr(backbone, "img_size") or not hasattr(backbone, "in_chans"):
+        raise ConfigError(f"cannot export {type(model).__name__}: expected a reid_ms model (reid_ms.build) or "
+                          f"backbone with img_size and in_chans attributes")
+    inputs = {"images": torch.randn(batch, backbone.in_chans, *backbone.img_size, generator=generator)}
+    for name, count in _label_counts(model).items():
+        inputs[name] = torch.randint(0, count, (batch,), generator=generator)
+    # drawn on the CPU (so a seed gives the same inputs everywhere), then moved to the model
+    device = next(model.parameters()).device
+    return {name: t.to(device) for name, t in inputs.items()}
+
+
+def _args(model: nn.Module) -> tuple[tuple[torch.Tensor], dict[str, torch.Tensor], dict[str, dict[int, object]]]:
+    inputs = example_inputs(model)
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = {name: {0: batch} for name in inputs}
+    images = inputs.pop("images")
+    return (images,), inputs, dynamic
+
+
+def export_program(model: nn.Module) -> torch.export.ExportedProgram:
+    """``torch.export`` the eval-mode ``model`` with a dynamic batch and its labels as keyword inputs.
+
+    ``model`` is a :class:`~reid_ms.ReIDModel` (or a backbone) and is put in eval mode. Call the result as
+    the model: ``program.module()(images, cam_label=cams, view_label=views)``.
+    """
+    args, kwargs, dynamic = _args(model.eval())
+    return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic)
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 18) -> list[str]:
+    """Write the eval-mode ``model`` to the ONNX file ``path``; returns the graph's input names.
+
+    Inputs ``images`` ``[batch, C, img_h, img_w]`` float32 and, where the model has the tables,
+    ``cam_label`` / ``view_label`` ``[batch]`` int64; output ``features`` ``[batch, feat_dim]``. Uses
+    ``torch.onnx.export``'s ``torch.export``-based exporter, which needs the packages ``onnx`` and
+    ``onnxscript`` (the ``dev`` extra).
+    """
+    try:
+        import onnx  # noqa: F401  (torch.onnx.export needs both; say so before tracing)
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"ONNX export needs the packages onnx and onnxscript ({exc}); "
+                          f"pip install 'reid-ms[dev]'") from exc
+    args, kwargs, dynamic = _args(model.eval())
+    names = ["images", *kwargs]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with warnings.catch_warnings():
+        # the exporter warns that it renames the batch axis the inputs share: expected here
+        warnings.filterwarnings("ignore", message=".*axis name: batch will not be used")
+        torch.onnx.export(model, args, str(path), kwargs=kwargs, input_names=names, output_names=["features"],
+                          dynamic_shapes=dynamic, opset_version=opset, external_data=False, verbose=False)
+    return names
+
+
+def onnx_max_error(model: nn.Module, path: str | os.PathLike, batch: int = 3, seed: int = 0) -> float:
+    """Largest absolute difference between onnxruntime running ``path`` and the eval-mode ``model``.
+
+    Both get the same random inputs (:func:`example_inputs` with ``batch`` images, seeded by ``seed``);
+    use a batch size other than the traced one (2) to exercise the dynamic dimension.
+    """
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ConfigError(f"checking an ONNX file needs onnxruntime ({exc}); pip install 'reid-ms[dev]'") from exc
+    inputs = example_inputs(model, batch, torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        images = inputs.pop("images")
+        expected = model.eval()(images, **inputs).float().cpu().numpy()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {"images": images.cpu().numpy(), **{name: t.cpu().numpy() for name, t in inputs.items()}}
+    got = session.run(None, feeds)[0]
+    if got.shape != expected.shape:
+        raise InputError(f"{str(path)!r} returns features of shape {got.shape} where the model returns "
+                         f"{expected.shape}; it was exported from another model")
+    return float(np.abs(got - expected).max())
