@@ -174,7 +174,11 @@ def vit_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: VitTrans, 
     npz_anchor = next((k for k in state if k == "embedding/kernel" or k.endswith("/embedding/kernel")), None)
     if npz_anchor is not None:
         report.kind = "google-npz"
-        state, ignored = _from_google_npz(state, npz_anchor[: -len("embedding/kernel")], path)
+        try:
+            state, ignored = _from_google_npz(state, npz_anchor[: -len("embedding/kernel")], path)
+        except (RuntimeError, IndexError) as e:  # kernels whose shapes do not fit together
+            raise CheckpointError(f"{path!r} is a Google ViT .npz whose tensors do not fit together ({e}); the "
+                                  f"file is damaged or not from google-research/vision_transformer") from e
         report.ignored += ignored
     elif any(k.startswith("base.") for k in state):
         report.kind = "transreid"
