@@ -43,8 +43,9 @@ def check_images(images: torch.Tensor, in_chans: int, img_size: tuple[int, int],
     """Raise :class:`InputError` unless ``images`` is a float ``[B, in_chans, *img_size]`` batch.
 
     With ``dtype`` (the model's parameter dtype) the images must have it too, unless autocast is on for
-    their device (it casts per operation). Images are not cast silently: a float64 batch from NumPy or
-    an fp16 batch meant for ``model.half()`` is named in the error instead.
+    their device and they are not float64 (autocast casts the others per operation). Images are not
+    cast silently: a float64 batch from NumPy or an fp16 batch meant for ``model.half()`` is named in
+    the error instead.
     """
     if not isinstance(images, torch.Tensor):
         raise InputError(f"{owner} expects a tensor of images [B, {in_chans}, {img_size[0]}, {img_size[1]}], "
@@ -64,7 +65,9 @@ def check_images(images: torch.Tensor, in_chans: int, img_size: tuple[int, int],
     if (h, w) != tuple(img_size):
         raise InputError(f"{owner} was built for images of {img_size[0]}x{img_size[1]}, got {h}x{w}; "
                          f"resize the images or build the model with img_size=({h}, {w})")
-    if dtype is not None and images.dtype != dtype and not _autocast_on(images.device.type):
+    # autocast casts float16 / bfloat16 / float32 per operation but leaves float64 alone
+    cast_by_autocast = images.dtype != torch.float64 and _autocast_on(images.device.type)
+    if dtype is not None and images.dtype != dtype and not cast_by_autocast:
         raise InputError(f"{owner} holds {dtype} weights, got images of dtype {images.dtype}; convert them with "
                          f"images.to({dtype}) or run the model under torch.autocast")
 
