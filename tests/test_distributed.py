@@ -1,0 +1,157 @@
+"""DistributedDataParallel on the CPU: two processes, gloo, tiny vit_b16_ms and clip_b16_adapt_ms.
+
+Each process builds its model from a different seed (DDP must copy rank 0's weights at wrapping), sees
+different images, and takes two SGD steps on cross-entropy + batch-hard triplet with
+``find_unused_parameters=False`` (a parameter without a gradient would stop the second step). The
+replicas must then hold bit-identical parameters, different from the initial ones.
+
+SyncBatchNorm: ``nn.SyncBatchNorm.convert_sync_batchnorm`` converts the BNNeck (checked: same
+parameters, frozen bias still frozen), but PyTorch's SyncBatchNorm runs on GPUs only: in training
+mode with a process group it raises ``ValueError: SyncBatchNorm expected input tensor to be on GPU``
+on CPU tensors (torch 2.14). The worker tries it; where it is refused, it trains with the plain
+BatchNorm, the route PyTorch supports on the CPU (each process normalises its own batch; DDP's
+``broadcast_buffers`` copies rank 0's running statistics at every forward). The route taken is
+asserted and reported, so a torch that runs SyncBatchNorm on the CPU is used as soon as it exists.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import reid_ms
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+MODELS = {
+    "vit_b16_ms": dict(img_size=(64, 32), embed_dim=32, depth=2, num_heads=4, drop_path_rate=0.0, scales=(2, 4)),
+    "clip_b16_adapt_ms": dict(img_size=(64, 32), width=32, layers=2, heads=4, output_dim=16, adapt_dim=24,
+                              scales=(2, 4)),
+}
+CLASSES, CAMERAS, BATCH = 4, 3, 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _triplet(feature: torch.Tensor, pids: torch.Tensor, margin: float = 0.3) -> torch.Tensor:
+    d = (feature[:, None] - feature[None]).pow(2).sum(-1).clamp_min(1e-12).sqrt()
+    same = pids[:, None] == pids[None]
+    return F.relu(d.masked_fill(~same, 0).amax(1) - d.masked_fill(same, float("inf")).amin(1) + margin).mean()
+
+
+def _sync_bn_route(model: reid_ms.ReIDModel) -> str:
+    """Convert the BNNeck to SyncBatchNorm; keep it if it runs here, else restore the BatchNorm."""
+    plain = model.head.bottleneck
+    nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    synced = model.head.bottleneck
+    assert isinstance(synced, nn.SyncBatchNorm) and not isinstance(plain, nn.SyncBatchNorm)
+    assert synced.weight is plain.weight and synced.bias is plain.bias and not synced.bias.requires_grad
+    probe = nn.SyncBatchNorm(synced.num_features).train()
+    try:
+        probe(torch.randn(BATCH, synced.num_features))
+        return "SyncBatchNorm"
+    except ValueError as e:
+        model.head.bottleneck = plain
+        return f"BatchNorm (SyncBatchNorm refused: {e})"
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
+    try:
+        for name, kw in MODELS.items():
+            torch.manual_seed(rank)  # replicas start different: DDP must broadcast rank 0's weights
+            model = reid_ms.build(name, camera_num=CAMERAS, num_classes=CLASSES, **kw)
+            route = _sync_bn_route(model)
+            model.train()
+            start = {k: v.detach().clone() for k, v in model.named_parameters()}
+            ddp = DDP(model, find_unused_parameters=False)
+            optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+            gen = torch.Generator().manual_seed(100 + rank)  # every rank its own data
+            for _ in range(2):
+                images = torch.randn(BATCH, 3, 64, 32, generator=gen)
+                pids = torch.tensor([0, 0, 1, 1]) + 2 * rank
+                cams = torch.randint(0, CAMERAS, (BATCH,), generator=gen)
+                logits, feature = ddp(images, cam_label=cams)
+                loss = F.cross_entropy(logits, pids) + _triplet(feature, pids)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            torch.save({"route": route, "start": start,
+                        "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+                        "buffers": {k: v.clone() for k, v in model.named_buffers()}},
+                       os.path.join(out, f"{name}.{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, args, timeout: float) -> None:
+    context = mp.spawn(fn, args=args, nprocs=WORLD, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"the {WORLD} processes did not finish within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    _spawn(_worker, (_free_port(), str(out)), timeout=240)
+    return {name: [torch.load(out / f"{name}.{r}.pt", weights_only=True) for r in range(WORLD)] for name in MODELS}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_replicas_hold_identical_parameters_after_two_steps(replicas, name, capsys):
+    first, second = replicas[name]
+    assert first["params"].keys() == second["params"].keys()
+    for k in first["params"]:
+        assert torch.equal(first["params"][k], second["params"][k]), f"{name}: replicas differ in {k}"
+    # the replicas started apart (different seeds) and the steps moved the weights
+    assert not torch.equal(first["start"]["head.classifier.weight"], second["start"]["head.classifier.weight"])
+    moved = [k for k in first["params"] if not torch.equal(first["params"][k], first["start"][k])]
+    assert len(moved) > len(first["params"]) // 2
+    assert "head.classifier.weight" in moved and "head.bottleneck.weight" in moved
+    assert first["route"] == second["route"]
+    if first["route"] == "SyncBatchNorm":
+        for k in first["buffers"]:
+            assert torch.equal(first["buffers"][k], second["buffers"][k]), k
+    else:
+        assert "expected input tensor to be on GPU" in first["route"]
+        assert first["buffers"]["head.bottleneck.num_batches_tracked"] == 2
+    with capsys.disabled():
+        print(f"\nddp {name}: {WORLD} gloo processes, BNNeck route: {first['route']}")
+
+
+def test_train_ddp_example_runs_under_torchrun(tmp_path):
+    out = tmp_path / "trained.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(_free_port()), str(ROOT / "examples" / "train_ddp.py"), "--tiny", "--steps", "2", "--batch", "4",
+         "--model", "vit_b16_ms", "--out", str(out)],
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 2/2 loss" in result.stderr
+    model = reid_ms.build("vit_b16_ms", img_size=(64, 32), embed_dim=64, depth=2, num_heads=4, scales=(2, 4),
+                          camera_num=3, num_classes=4)
+    model.load_state_dict(torch.load(out, weights_only=True))  # strict: every key of the trained model
