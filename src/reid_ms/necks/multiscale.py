@@ -28,7 +28,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -101,7 +100,10 @@ class MultiScaleSlidingWindow(nn.Module):
     Initialisation: the layer that writes into the CLS starts at zero (the dense windows, the light
     pointwise projection; PyTorch's default initialisation for the light depthwise windows), so a
     fresh neck on a pretrained backbone first returns the backbone's CLS unchanged and training grows
-    the multi-scale term from there instead of starting from a randomly shifted embedding.
+    the multi-scale term from there instead of starting from a randomly shifted embedding. The zero
+    layer still gets a gradient at the first step (its input is not zero); in light mode the depthwise
+    windows get theirs once the pointwise projection has moved off zero, as the first factor of a
+    zero-initialised low-rank adapter does.
     """
 
     def __init__(self, feat_dim: int, scales: Sequence[int] = (4, 8, 16), mode: str = "dense") -> None:
