@@ -386,3 +386,22 @@ def test_fuzzed_checkpoints_end_in_a_clean_error_or_a_faithful_load(tmp_path, ca
     assert not failures, "\n".join(failures)
     assert total >= 300
     assert tally["CheckpointError"] > 0 and tally["faithful load"] > 0
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("name", ["vit_b16", "clip_b16"])
+def test_hostile_file_through_build_pretrained_runs_nothing(tmp_path, name):
+    marker = tmp_path / "ran"
+    path = tmp_path / "trained.pth"
+    torch.save({"base.cls_token": torch.zeros(1, 1, 32), "bottleneck.weight": _Payload(str(marker))}, path)
+    kw = VIT if name == "vit_b16" else CLIP
+    with pytest.raises(UnsafeCheckpointError, match="weights_only"):
+        reid_ms.build(name, pretrained=path, **kw)
+    assert not marker.exists()
