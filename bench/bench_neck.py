@@ -25,16 +25,17 @@ from reid_ms import ClipVisual, DimAdapter, MultiScaleSlidingWindow, ReIDModel, 
 logger = logging.getLogger("bench_neck")
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int,
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds per call of each function, one warm-up call each, the order reversed every round."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(rounds):
         for name in (list(fns) if r % 2 == 0 else list(reversed(fns))):
-            start = time.perf_counter()
+            start = clock()
             fns[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -69,29 +70,33 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--backbones", nargs="+", default=["vit", "clip"], choices=["vit", "clip"])
     parser.add_argument("--strides", nargs="+", type=int, default=[16, 12])
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: this process's CPU time, steadier on a machine other jobs share (with "
+                             "more than one thread it also counts threads waiting for each other)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     images = torch.randn(args.batch, 3, 256, 128)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
 
-    logger.info("fp32, %d threads, batch %d, 256x128, %d rounds (models), %d rounds (necks alone)",
-                args.threads, args.batch, args.repeats, args.neck_repeats)
-    header = f"{'model':<28}{'stride':>7}{'neck params':>14}{'forward ms':>12}{'overhead':>10}{'neck ms':>9}{'share':>8}"
-    logger.info(header)
+    logger.info("fp32, %d threads, batch %d, 256x128, %d rounds (models), %d rounds (necks alone), %s clock",
+                args.threads, args.batch, args.repeats, args.neck_repeats, args.clock)
+    logger.info(f"{'model':<28}{'stride':>7}{'neck params':>14}{'forward ms':>12}{'overhead':>10}"
+                f"{'neck ms':>9}{'share':>8}")
     for kind in args.backbones:
         for stride in args.strides:
             bare, necked = variants(kind, stride)
             name = "ViT-B/16" if kind == "vit" else "CLIP ViT-B/16"
             with torch.inference_mode():
                 models = {"bare": bare} | necked
-                model_times = interleaved({k: (lambda m=m: m(images)) for k, m in models.items()}, args.repeats)
+                model_times = interleaved({k: (lambda m=m: m(images)) for k, m in models.items()}, args.repeats, clock)
                 tokens = bare.backbone(images)
                 neck_fns = {}
                 for k, m in necked.items():  # the adapter, where there is one, is part of the added cost
                     neck_fns[k] = lambda m=m: m.neck.context(tokens if m.adapter is None else m.adapter(tokens),
                                                              m.grid_size)
-                neck_times = interleaved(neck_fns, args.neck_repeats)
+                neck_times = interleaved(neck_fns, args.neck_repeats, clock)
             base = model_times["bare"]
             logger.info(f"{name + ' (bare)':<28}{stride:>7}{0:>14,}{base * 1e3:>12.1f}{'':>10}{'':>9}{'':>8}")
             for k, m in necked.items():
