@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Union
 
 import torch
@@ -153,3 +153,24 @@ def side_info_index(
     if cam is not None and view is not None:
         return cam * view_num + view
     return cam if cam is not None else view
+
+
+# Tokens (images x sequence length) per chunk of an inference batch. The largest activation, the MLP's
+# hidden layer, is then about 18 MiB at width 768 in fp32: below glibc's 32 MiB mmap threshold, so it is
+# recycled from the heap instead of being mapped fresh, page by page, on every layer of a large batch.
+INFERENCE_CHUNK_TOKENS = 1536
+
+
+def run_in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """``fn`` (independent per sample) on ``x [B, T, D]``, in batch chunks of about ``chunk_tokens`` tokens.
+
+    Only where no autograd graph is recorded (inference) and outside ``torch.compile``/``torch.export``
+    (whose own memory planning handles buffers and whose batch may be symbolic); else one call. Each
+    sample's result is the same either way; ``chunk_tokens <= 0`` turns chunking off.
+    """
+    b, t = x.shape[0], x.shape[1]
+    step = max(1, chunk_tokens // t)
+    if (chunk_tokens <= 0 or b <= step or (torch.is_grad_enabled() and x.requires_grad)
+            or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        return fn(x)
+    return torch.cat([fn(part) for part in x.split(step)])

@@ -16,7 +16,8 @@ from timm.layers import QuickGELU, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from reid_ms.backbones._common import Label, check_images, grid_size, pair, side_info_index, side_info_rows
+from reid_ms.backbones._common import (INFERENCE_CHUNK_TOKENS, Label, check_images, grid_size, pair,
+                                      run_in_chunks, side_info_index, side_info_rows)
 from reid_ms.errors import ConfigError
 
 # CLIP's LayerNorm epsilon (PyTorch's default); TransReID's ViT uses 1e-6.
@@ -160,6 +161,8 @@ class ClipVisual(nn.Module):
         self.transformer = ClipTransformer(width, layers, heads, mlp_ratio)
         self.ln_post = nn.LayerNorm(width, eps=CLIP_NORM_EPS)
         self.proj = nn.Parameter(torch.empty(width, output_dim))
+        # inference batches run through the blocks in chunks of about this many tokens (0: one call)
+        self.inference_chunk_tokens = INFERENCE_CHUNK_TOKENS
         self.init_weights()
 
     @torch.no_grad()
@@ -195,7 +198,9 @@ class ClipVisual(nn.Module):
     ) -> torch.Tensor:
         """``[B, in_chans, img_h, img_w]`` -> ``[B, 1 + H*W, output_dim]`` (``[B, 1 + H*W, width]`` unprojected).
 
-        The CLS token comes first, then the patches row by row.
+        The CLS token comes first, then the patches row by row. In inference a large batch goes through the
+        blocks in chunks of ``inference_chunk_tokens`` tokens: the same result, without page-faulting in fresh
+        buffers for its large activations.
         """
         check_images(images, self.in_chans, self.img_size, "ClipVisual", self.conv1.weight.dtype)
         b = images.shape[0]
@@ -206,11 +211,12 @@ class ClipVisual(nn.Module):
         if rows is not None:
             cls = cls + self.sie_coef * self.cv_embed[rows].unsqueeze(1)
         x = torch.cat([cls.to(x.dtype), x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
-        x = self.ln_post(x)
-        if project:
-            x = x @ self.proj
-        return x
+        return run_in_chunks(lambda t: self._encode(t, project), self.ln_pre(x), self.inference_chunk_tokens)
+
+    def _encode(self, x: torch.Tensor, project: bool) -> torch.Tensor:
+        """Tokens after ``ln_pre`` ``[B, T, width]`` -> after the blocks and ``ln_post`` (and ``proj``)."""
+        x = self.ln_post(self.transformer(x))
+        return x @ self.proj if project else x
 
     def forward(
         self, images: torch.Tensor, cam_label: Label = None, view_label: Label = None, project: bool = True,

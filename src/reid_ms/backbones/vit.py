@@ -17,7 +17,8 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
-from reid_ms.backbones._common import Label, check_images, grid_size, pair, side_info_index, side_info_rows
+from reid_ms.backbones._common import (INFERENCE_CHUNK_TOKENS, Label, check_images, grid_size, pair,
+                                      run_in_chunks, side_info_index, side_info_rows)
 from reid_ms.errors import ConfigError
 
 
@@ -90,6 +91,8 @@ class VitTrans(nn.Module):
         self.camera_num, self.view_num = camera_num, view_num
         self.sie_coef = float(sie_coef)
         self.grad_checkpointing = False
+        # inference batches run through the blocks in chunks of about this many tokens (0: one call)
+        self.inference_chunk_tokens = INFERENCE_CHUNK_TOKENS
 
         self.patch_embed = OverlapPatchEmbed(self.img_size, self.patch_size, self.stride_size, in_chans, embed_dim)
         self.grid_size = self.patch_embed.grid_size
@@ -165,8 +168,13 @@ class VitTrans(nn.Module):
 
     def forward_features(self, images: torch.Tensor, cam_label: Label = None,
                          view_label: Label = None) -> torch.Tensor:
-        """Images ``[B, C, img_h, img_w]`` -> every token after the final norm ``[B, 1 + H*W, D]``."""
-        return self.norm(self.forward_blocks(self.embed(images, cam_label, view_label)))
+        """Images ``[B, C, img_h, img_w]`` -> every token after the final norm ``[B, 1 + H*W, D]``.
+
+        In inference a large batch goes through the blocks in chunks of ``inference_chunk_tokens`` tokens:
+        the same result, without page-faulting in fresh buffers for its large activations.
+        """
+        x = self.embed(images, cam_label, view_label)
+        return run_in_chunks(lambda t: self.norm(self.forward_blocks(t)), x, self.inference_chunk_tokens)
 
     def forward(self, images: torch.Tensor, cam_label: Label = None, view_label: Label = None) -> torch.Tensor:
         """Images ``[B, C, img_h, img_w]`` -> every token after the final norm ``[B, 1 + H*W, D]``."""
