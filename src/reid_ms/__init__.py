@@ -28,3 +28,8 @@ from reid_ms.weights.clip import load_clip_weights  # noqa: E402
 from reid_ms.model import ReIDModel  # noqa: E402
 from reid_ms.registry import ModelSpec, build, list_models, register  # noqa: E402
 from reid_ms.export import export_onnx, export_program  # noqa: E402
+from reid_ms.necks.jpm import JigsawPatchNeck  # noqa: E402
+from reid_ms.heads.multibranch import MultiBranchBNNeckHead  # noqa: E402
+from reid_ms.models import JPMReIDModel, MultiModalReIDModel  # noqa: E402
+from reid_ms.models.multimodal import load_multimodal_weights  # noqa: E402
+from reid_ms.weights.jpm import load_jpm_weights  # noqa: E402

@@ -25,8 +25,11 @@ from reid_ms.backbones.vit import VitTrans
 from reid_ms.errors import ConfigError
 from reid_ms.heads import BNNeckHead
 from reid_ms.model import ReIDModel
+from reid_ms.models import JPMReIDModel, MultiModalReIDModel
+from reid_ms.models.multimodal import load_multimodal_weights
 from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow
 from reid_ms.weights import load_clip_weights, load_vit_weights
+from reid_ms.weights.jpm import load_jpm_weights
 from reid_ms.weights._common import LoadReport, cast_like
 from reid_ms.weights._io import flatten_state_dict, read_checkpoint
 
@@ -42,7 +45,8 @@ class ModelSpec:
 
     Attributes:
         backbone: the backbone class; every argument of its constructor can be overridden in ``build``.
-        loader: ``loader(backbone, path) -> LoadReport`` for ``build(..., pretrained=path)``.
+        loader: ``loader(backbone, path) -> LoadReport`` for ``build(..., pretrained=path)``; with ``model``
+            set, ``loader(model, path)`` (the whole model).
         backbone_args: defaults for the backbone that differ from its constructor's.
         neck_mode: ``"dense"`` or ``"light"`` for a :class:`~reid_ms.MultiScaleSlidingWindow`; ``None``
             for no neck.
@@ -51,6 +55,9 @@ class ModelSpec:
             any neck (``bottleneck.`` for TransReID, ``bottleneck_proj.`` for CLIP-ReID's projected
             feature); ``None`` when no trained head fits (an adapter changes the feature).
         classifier_key: the trained classifier's weight next to that BNNeck.
+        model: a model class other than :class:`~reid_ms.ReIDModel` (``None``), built as
+            ``model(backbone, neck=neck, **args)``; it makes its own head, so its constructor's arguments
+            (``num_classes``, ``neck_feat``, ...) take the place of the head's in ``build``.
     """
 
     backbone: type[nn.Module]
@@ -60,6 +67,7 @@ class ModelSpec:
     adapt_dim: Optional[int] = None
     head_prefix: Optional[str] = None
     classifier_key: Optional[str] = None
+    model: Optional[type[nn.Module]] = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -72,12 +80,16 @@ def _params(cls: type, exclude: tuple[str, ...] = ()) -> list[str]:
 
 def _part_args(spec: ModelSpec) -> dict[str, list[str]]:
     """The overridable arguments of each part of ``spec``, including parts it lacks (for messages)."""
-    return {
+    parts = {
         "backbone": _params(spec.backbone),
         "adapter": list(ADAPTER_ARGS),
         "neck": _params(MultiScaleSlidingWindow, exclude=("feat_dim",)),
-        "head": _params(BNNeckHead, exclude=("feat_dim",)),
     }
+    if spec.model is None:
+        parts["head"] = _params(BNNeckHead, exclude=("feat_dim",))
+    else:
+        parts["model"] = _params(spec.model, exclude=("backbone", "neck"))
+    return parts
 
 
 def register(name: str) -> Callable[[Callable[[], ModelSpec]], Callable[[], ModelSpec]]:
@@ -97,6 +109,9 @@ def register(name: str) -> Callable[[Callable[[], ModelSpec]], Callable[[], Mode
         if not isinstance(spec, ModelSpec):
             raise ConfigError(f"@register({name!r}) expects a function returning a ModelSpec, "
                               f"got {type(spec).__name__}")
+        if spec.model is not None and spec.adapt_dim is not None:
+            raise ConfigError(f"{name!r}: a ModelSpec with a model class takes no adapt_dim (the model class "
+                              f"is given the backbone and the neck only)")
         parts = _part_args(spec)
         seen: dict[str, str] = {}
         for part, names in parts.items():
@@ -128,7 +143,7 @@ def get_spec(name: str) -> ModelSpec:
 def _route(name: str, spec: ModelSpec, overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     parts = _part_args(spec)
     present = {"backbone": True, "adapter": spec.adapt_dim is not None, "neck": spec.neck_mode is not None,
-               "head": True}
+               "head": True, "model": True}
     routed: dict[str, dict[str, Any]] = {part: {} for part in parts}
     for key, value in overrides.items():
         part = next((p for p, names in parts.items() if key in names), None)
@@ -147,7 +162,8 @@ def _route(name: str, spec: ModelSpec, overrides: Mapping[str, Any]) -> dict[str
     return routed
 
 
-def build(name: str, pretrained: str | os.PathLike | None = None, **overrides: Any) -> ReIDModel:
+def build(name: str, pretrained: str | os.PathLike | None = None,
+          **overrides: Any) -> ReIDModel | JPMReIDModel | MultiModalReIDModel:
     """Build the registered model ``name`` (see :func:`list_models`).
 
     Args:
@@ -162,8 +178,9 @@ def build(name: str, pretrained: str | os.PathLike | None = None, **overrides: A
             ``adapt_norm``), the neck (``scales``, ``mode``) and the head (``num_classes``, ``neck_feat``).
 
     Returns:
-        A :class:`~reid_ms.ReIDModel` with ``model.model_name`` and ``model.load_report`` (``None``
-        without ``pretrained``).
+        A :class:`~reid_ms.ReIDModel` (or the spec's model class: :class:`~reid_ms.JPMReIDModel`,
+        :class:`~reid_ms.MultiModalReIDModel`) with ``model.model_name`` and ``model.load_report``
+        (``None`` without ``pretrained``).
     """
     spec = get_spec(name)
     routed = _route(name, spec, overrides)
@@ -177,6 +194,12 @@ def build(name: str, pretrained: str | os.PathLike | None = None, **overrides: A
     neck = None
     if spec.neck_mode is not None:
         neck = MultiScaleSlidingWindow(width, **{"mode": spec.neck_mode, **routed["neck"]})
+    if spec.model is not None:
+        model = spec.model(backbone, neck=neck, **routed["model"])
+        model.model_name = name
+        if pretrained is not None:
+            model.load_report = spec.loader(model, pretrained)
+        return model
     head = BNNeckHead(width, **routed["head"])
     model = ReIDModel(backbone, neck=neck, head=head, adapter=adapter)
     model.model_name = name
@@ -279,3 +302,27 @@ def clip_b16_adapt_ms() -> ModelSpec:
 def clip_b16_adapt_ms_light() -> ModelSpec:
     """CLIP ViT-B/16, a DimAdapter 512 -> 768, then the light neck at 768."""
     return ModelSpec(ClipVisual, load_clip_weights, neck_mode="light", adapt_dim=768)
+
+
+@register("vit_b16_jpm")
+def vit_b16_jpm() -> ModelSpec:
+    """TransReID's ViT-B/16 with the Jigsaw Patch Module: global + 4 local features, 3840-wide embedding."""
+    return ModelSpec(VitTrans, load_jpm_weights, model=JPMReIDModel)
+
+
+@register("vit_b16_ms_jpm")
+def vit_b16_ms_jpm() -> ModelSpec:
+    """ViT-B/16 JPM with the dense multi-scale neck on the global branch's tokens (see JPMReIDModel)."""
+    return ModelSpec(VitTrans, load_jpm_weights, neck_mode="dense", model=JPMReIDModel)
+
+
+@register("vit_b16_ms_rgbnt")
+def vit_b16_ms_rgbnt() -> ModelSpec:
+    """RGB/NIR/TIR: a shared ViT-B/16 and dense neck per modality, embeddings concatenated (3 x 768)."""
+    return ModelSpec(VitTrans, load_multimodal_weights, neck_mode="dense", model=MultiModalReIDModel)
+
+
+@register("clip_b16_ms_rgbnt")
+def clip_b16_ms_rgbnt() -> ModelSpec:
+    """RGB/NIR/TIR: a shared CLIP ViT-B/16 and dense neck on its 512-wide tokens, concatenated (3 x 512)."""
+    return ModelSpec(ClipVisual, load_multimodal_weights, neck_mode="dense", model=MultiModalReIDModel)

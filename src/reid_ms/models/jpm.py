@@ -1,0 +1,97 @@
+"""TransReID's JPM model: ViT without its last block -> Jigsaw Patch Module -> five BNNecks."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from reid_ms.backbones._common import Label
+from reid_ms.backbones.vit import VitTrans
+from reid_ms.errors import ConfigError
+from reid_ms.heads.multibranch import MultiBranchBNNeckHead
+from reid_ms.necks.jpm import JigsawPatchNeck
+from reid_ms.necks.multiscale import MultiScaleSlidingWindow
+from reid_ms.weights._common import LoadReport
+
+
+class JPMReIDModel(nn.Module):
+    """TransReID with its Jigsaw Patch Module, called like :class:`~reid_ms.ReIDModel`.
+
+    The backbone's last block and final norm move into the JPM (``self.jpm``, two copies: ``b1``, ``b2``)
+    and the backbone keeps the other blocks, so it returns the tokens TransReID's JPM reads (after all
+    blocks but the last, no final norm). TransReID leaves the originals in its backbone unused; here they
+    are taken out so that every parameter is trained (and DDP needs no ``find_unused_parameters``).
+
+    ``forward_features``: global feature (``b1``'s CLS), then the ``divide_length`` local CLS features of
+    ``b2`` (see :class:`~reid_ms.JigsawPatchNeck`), side by side ``[B, (1 + divide_length) * D]``.
+    The head (:class:`~reid_ms.MultiBranchBNNeckHead`) has one BNNeck per branch; eval returns
+    ``cat(global, local_1 / divide_length, ...)`` before or after them: 3840 wide at ViT-B.
+
+    With a multi-scale neck (``vit_b16_ms_jpm``) the neck reads ``b1``'s output tokens: those are the
+    global branch's final tokens (last block + norm over the whole sequence), what the neck reads in
+    ``vit_b16_ms``; its context is added to the global feature only. The local features come from
+    patch subsets of another sequence and are left as TransReID computes them. A fresh (zero) neck gives
+    the plain JPM model.
+
+    Args:
+        backbone: a :class:`~reid_ms.VitTrans` (at least one block); it is modified in place (see above).
+        neck: a :class:`~reid_ms.MultiScaleSlidingWindow` as wide as the backbone, or ``None``.
+        num_classes, neck_feat: of the head (see :class:`~reid_ms.BNNeckHead`).
+        shift_num, shuffle_groups, divide_length, rearrange: of the JPM (TransReID's defaults 5, 2, 4, True).
+
+    Attributes:
+        feat_dim: ``(1 + divide_length) * D``.
+        model_name, load_report: set by :func:`~reid_ms.build`.
+    """
+
+    def __init__(self, backbone: VitTrans, neck: Optional[MultiScaleSlidingWindow] = None, num_classes: int = 0,
+                 neck_feat: str = "before", shift_num: int = 5, shuffle_groups: int = 2, divide_length: int = 4,
+                 rearrange: bool = True) -> None:
+        super().__init__()
+        if not isinstance(backbone, VitTrans):
+            raise ConfigError(f"JPMReIDModel needs a reid_ms.VitTrans backbone (its blocks are split), got "
+                              f"{type(backbone).__name__}")
+        if not isinstance(backbone.norm, nn.LayerNorm) or len(backbone.blocks) < 1:
+            raise ConfigError("JPMReIDModel needs a complete VitTrans (blocks and final norm); this one was "
+                              "already split by another JPMReIDModel: build a new backbone")
+        width = backbone.out_dim
+        if neck is not None and neck.feat_dim != width:
+            raise ConfigError(f"the neck is {neck.feat_dim} wide but the backbone returns {width}-wide tokens; "
+                              f"build MultiScaleSlidingWindow(feat_dim={width}, ...)")
+        jpm = JigsawPatchNeck(backbone.blocks[-1], backbone.norm, shift_num=shift_num,
+                              shuffle_groups=shuffle_groups, divide_length=divide_length, rearrange=rearrange)
+        problem = jpm.patch_count_problem(backbone.num_patches)
+        if problem is not None:
+            h, w = backbone.grid_size
+            raise ConfigError(f"JPMReIDModel: the backbone's {h}x{w} grid: {problem}")
+        backbone.blocks = backbone.blocks[:-1]
+        backbone.norm = nn.Identity()
+        self.backbone = backbone
+        self.jpm = jpm
+        self.neck = neck
+        self.head = MultiBranchBNNeckHead(width, 1 + divide_length, num_classes=num_classes, neck_feat=neck_feat,
+                                          local_scale=1.0 / divide_length)
+        self.feat_dim = self.head.feat_dim
+        self.model_name: Optional[str] = None
+        self.load_report: Optional[LoadReport] = None
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """The backbone's patch grid ``(H, W)``."""
+        return tuple(self.backbone.grid_size)
+
+    def forward_features(self, images: torch.Tensor, cam_label: Label = None,
+                         view_label: Label = None) -> torch.Tensor:
+        """Images ``[B, C, img_h, img_w]`` -> ``[B, (1 + divide_length) * D]``: global, then local features (unscaled)."""
+        tokens = self.backbone(images, cam_label=cam_label, view_label=view_label)
+        global_tokens = self.jpm.global_branch(tokens)
+        cls = global_tokens[:, 0]
+        if self.neck is not None:
+            cls = cls + self.neck.context(global_tokens, self.grid_size)
+        return torch.cat([cls.unsqueeze(1), self.jpm.local_branch(tokens)], dim=1).flatten(1)
+
+    def forward(self, images: torch.Tensor, cam_label: Label = None, view_label: Label = None):
+        """Eval: the embedding ``[B, feat_dim]``; train: ``(logits per branch or None, features per branch)``."""
+        return self.head(self.forward_features(images, cam_label, view_label))

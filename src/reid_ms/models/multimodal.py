@@ -1,0 +1,159 @@
+"""Multi-modal re-ID (RGBNT201, RGBNT100, MSVR310): one shared backbone over RGB, NIR and TIR images."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Optional
+
+import torch
+from torch import nn
+
+from reid_ms.backbones._common import Label
+from reid_ms.backbones.clip import ClipVisual
+from reid_ms.backbones.vit import VitTrans
+from reid_ms.errors import ConfigError, InputError
+from reid_ms.heads import BNNeckHead
+from reid_ms.necks.multiscale import MultiScaleSlidingWindow
+from reid_ms.weights import load_clip_weights, load_vit_weights
+from reid_ms.weights._common import LoadReport
+
+MODALITIES = ("rgb", "nir", "tir")
+MISSING = ("error", "zeros")
+
+
+def _repeat_label(label: Label, batch: int, times: int, name: str) -> Label:
+    """Per-image labels for the ``times`` modality batches stacked into one backbone call."""
+    if isinstance(label, torch.Tensor) and label.dim() == 1 or isinstance(label, Sequence) and not isinstance(label, str):
+        if len(label) != batch:
+            raise InputError(f"{name} must hold one label per image ({batch}), got {len(label)}")
+        return label.repeat(times) if isinstance(label, torch.Tensor) else list(label) * times
+    return label  # None, an int or a 0-d tensor: the same for every image; the backbone checks the rest
+
+
+class MultiModalReIDModel(nn.Module):
+    """One backbone shared by the modalities, the neck per modality, concatenation fusion, one BNNeck.
+
+    ``forward({"rgb": x, "nir": y, "tir": z}, cam_label=None, view_label=None)``: each modality's images
+    ``[B, C, img_h, img_w]`` go through the same backbone (one call over the modalities stacked along the
+    batch: every operation is per image, so this is the per-modality run in fewer, larger products),
+    with the same camera/view labels; each modality's CLS gets the neck's context from its own patch
+    grid; the per-modality embeddings are concatenated in ``modalities`` order, ``[B, M * D]``, and go
+    through a BNNeck of that width. Eval returns ``[B, feat_dim]``, train ``(logits or None, feature)``
+    like :class:`~reid_ms.ReIDModel`.
+
+    The neck is one module shared by the modalities, as the backbone is: it learns where multi-scale
+    context sits in a person's token grid, which does not depend on the sensor, and a dense neck per
+    modality would triple its 198 M parameters at ViT-B.
+
+    Args:
+        backbone: a :class:`~reid_ms.VitTrans` or :class:`~reid_ms.ClipVisual` (any module with
+            ``forward(images, cam_label, view_label) -> [B, 1 + H*W, out_dim]``, ``grid_size``, ``out_dim``).
+        neck: a :class:`~reid_ms.MultiScaleSlidingWindow` as wide as the backbone's tokens, or ``None``.
+        num_classes, neck_feat: of the head (see :class:`~reid_ms.BNNeckHead`).
+        modalities: input names, in fusion order; default ``("rgb", "nir", "tir")``.
+        missing: a modality absent from the input: ``"error"`` (default) raises :class:`~reid_ms.InputError`;
+            ``"zeros"`` puts a zero embedding in its place (in train and eval mode alike), so a model trained
+            on all modalities can be evaluated on fewer with the same embedding width.
+
+    Attributes:
+        feat_dim: ``len(modalities) * D``.
+        model_name, load_report: set by :func:`~reid_ms.build`.
+    """
+
+    def __init__(self, backbone: nn.Module, neck: Optional[MultiScaleSlidingWindow] = None, num_classes: int = 0,
+                 neck_feat: str = "before", modalities: Sequence[str] = MODALITIES, missing: str = "error") -> None:
+        super().__init__()
+        for attr in ("grid_size", "out_dim"):
+            if not hasattr(backbone, attr):
+                raise ConfigError(f"MultiModalReIDModel needs a backbone with a {attr!r} attribute (like "
+                                  f"reid_ms.VitTrans and reid_ms.ClipVisual); {type(backbone).__name__} has none")
+        if (isinstance(modalities, str) or not isinstance(modalities, Sequence) or not modalities
+                or not all(isinstance(m, str) and m for m in modalities) or len(set(modalities)) != len(modalities)):
+            raise ConfigError(f"modalities must be distinct non-empty names, e.g. {MODALITIES}, got {modalities!r}")
+        if missing not in MISSING:
+            raise ConfigError(f"missing must be one of {MISSING}, got {missing!r}")
+        width = backbone.out_dim
+        if neck is not None and neck.feat_dim != width:
+            raise ConfigError(f"the neck is {neck.feat_dim} wide but the backbone returns {width}-wide tokens; "
+                              f"build MultiScaleSlidingWindow(feat_dim={width}, ...)")
+        self.backbone = backbone
+        self.neck = neck
+        self.modalities = tuple(modalities)
+        self.missing = missing
+        self.modality_dim = width
+        self.head = BNNeckHead(len(self.modalities) * width, num_classes=num_classes, neck_feat=neck_feat)
+        self.feat_dim = self.head.feat_dim
+        self.model_name: Optional[str] = None
+        self.load_report: Optional[LoadReport] = None
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """The backbone's patch grid ``(H, W)``."""
+        return tuple(self.backbone.grid_size)
+
+    def _present(self, inputs: Mapping[str, torch.Tensor]) -> tuple[list[str], int]:
+        if not isinstance(inputs, Mapping):
+            shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+            raise InputError(f"MultiModalReIDModel takes a dict of image batches, one per modality, "
+                             f"{{{', '.join(repr(m) + ': images' for m in self.modalities)}}}; got {shape}")
+        unknown = [k for k in inputs if k not in self.modalities]
+        if unknown:
+            raise InputError(f"MultiModalReIDModel got inputs {unknown} it was not built for; its modalities are "
+                             f"{list(self.modalities)}")
+        present = [m for m in self.modalities if m in inputs]
+        absent = [m for m in self.modalities if m not in inputs]
+        if not present:
+            raise InputError(f"MultiModalReIDModel got no images; pass {list(self.modalities)}")
+        if absent and self.missing == "error":
+            raise InputError(f"MultiModalReIDModel needs every modality {list(self.modalities)}, got "
+                             f"{present} ({absent} missing); build it with missing='zeros' to zero-fill the "
+                             f"embedding of a missing modality")
+        for m in present:
+            if not isinstance(inputs[m], torch.Tensor) or inputs[m].dim() != 4:
+                shape = tuple(inputs[m].shape) if isinstance(inputs[m], torch.Tensor) else type(inputs[m]).__name__
+                raise InputError(f"MultiModalReIDModel: inputs[{m!r}] must be images [B, C, H, W], got {shape}")
+        batches = {m: inputs[m].shape[0] for m in present}
+        if len(set(batches.values())) != 1:
+            raise InputError(f"MultiModalReIDModel: every modality needs the same batch size, got {batches}")
+        return present, batches[present[0]]
+
+    def forward_modalities(self, inputs: Mapping[str, torch.Tensor], cam_label: Label = None,
+                           view_label: Label = None) -> dict[str, torch.Tensor]:
+        """The embedding ``[B, D]`` of each modality present in ``inputs`` (the neck-enhanced CLS)."""
+        present, batch = self._present(inputs)
+        times = len(present)
+        images = torch.cat([inputs[m] for m in present]) if times > 1 else inputs[present[0]]
+        tokens = self.backbone(images, cam_label=_repeat_label(cam_label, batch, times, "cam_label"),
+                               view_label=_repeat_label(view_label, batch, times, "view_label"))
+        cls = tokens[:, 0]
+        if self.neck is not None:
+            cls = cls + self.neck.context(tokens, self.grid_size)
+        return dict(zip(present, cls.split(batch)))
+
+    def forward_features(self, inputs: Mapping[str, torch.Tensor], cam_label: Label = None,
+                         view_label: Label = None) -> torch.Tensor:
+        """The fused feature ``[B, M * D]`` fed to the head; missing modalities zero when ``missing="zeros"``."""
+        per_modality = self.forward_modalities(inputs, cam_label, view_label)
+        some = next(iter(per_modality.values()))
+        return torch.cat([per_modality[m] if m in per_modality else torch.zeros_like(some)
+                          for m in self.modalities], dim=1)
+
+    def forward(self, inputs: Mapping[str, torch.Tensor], cam_label: Label = None, view_label: Label = None):
+        """Eval: the embedding ``[B, feat_dim]``; train: ``(logits or None, feature [B, feat_dim])``."""
+        return self.head(self.forward_features(inputs, cam_label, view_label))
+
+
+def load_multimodal_weights(model: MultiModalReIDModel, path: str | os.PathLike) -> LoadReport:
+    """Load a backbone checkpoint into the shared backbone of ``model`` with the loader that fits it.
+
+    :func:`~reid_ms.load_vit_weights` for a :class:`~reid_ms.VitTrans`, :func:`~reid_ms.load_clip_weights`
+    for a :class:`~reid_ms.ClipVisual`; the neck and the head keep their initialisation.
+    """
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, VitTrans):
+        return load_vit_weights(backbone, path)
+    if isinstance(backbone, ClipVisual):
+        return load_clip_weights(backbone, path)
+    raise ConfigError(f"load_multimodal_weights loads a MultiModalReIDModel with a VitTrans or ClipVisual "
+                      f"backbone, got {type(model).__name__} with {type(backbone).__name__}")

@@ -1,0 +1,141 @@
+"""Loading TransReID JPM checkpoints and ViT weights into :class:`reid_ms.JPMReIDModel`.
+
+A TransReID JPM checkpoint holds the full ViT under ``base.`` (its last block and ``norm`` unused by
+TransReID's forward), the two branches ``b1.{0,1}.*`` / ``b2.{0,1}.*`` (block, norm), the BNNecks
+``bottleneck``, ``bottleneck_1`` ... ``bottleneck_4`` and the bias-free classifiers ``classifier``,
+``classifier_1`` ... ``classifier_4``. Any other ViT checkpoint :func:`~reid_ms.load_vit_weights` reads
+(ImageNet, TransReID without JPM) fills both branches with its last block and final norm, as TransReID
+does when it starts a JPM model from ImageNet weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import torch
+
+from reid_ms.errors import CheckpointError, ConfigError
+from reid_ms.models.jpm import JPMReIDModel
+from reid_ms.weights._common import LoadReport, load_all_or_nothing
+from reid_ms.weights._io import flatten_state_dict, read_checkpoint
+from reid_ms.weights.vit import vit_checkpoint_filter
+
+logger = logging.getLogger("reid_ms.weights")
+
+_BRANCH = re.compile(r"b[12]\.")
+_HEAD = re.compile(r"(bottleneck|classifier)(_\d+)?\.")
+_BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _suffix(branch: int) -> str:
+    return "" if branch == 0 else f"_{branch}"
+
+
+def _head_state(heads: dict[str, torch.Tensor], model: JPMReIDModel, path: str,
+                report: LoadReport) -> dict[str, torch.Tensor]:
+    """TransReID's per-branch BNNecks and classifiers -> the model's head keys, where they fit."""
+    head = model.head
+    k, d = head.branches, head.branch_dim
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    bn_keys = [[f"bottleneck{_suffix(i)}.{f}" for f in _BN_FIELDS] for i in range(k)]
+    if all(key in heads for keys in bn_keys for key in keys):
+        parts = [heads[key] for keys in bn_keys for key in keys]
+        if any(not p.is_floating_point() for p in parts):
+            raise CheckpointError(f"{path!r} ({report.kind}): a BNNeck tensor (bottleneck*) is not floating "
+                                  f"point; the file is damaged")
+        if all(p.shape == (d,) for p in parts):
+            for j, f in enumerate(_BN_FIELDS):
+                out[f"head.bottleneck.{f}"] = torch.cat([heads[bn_keys[i][j]].float() for i in range(k)])
+            if "bottleneck.num_batches_tracked" in heads:
+                out["head.bottleneck.num_batches_tracked"] = heads["bottleneck.num_batches_tracked"]
+            used.update(key for key in heads if key.startswith("bottleneck"))
+        else:
+            logger.info("%s: the trained BNNecks are not %d wide; the head keeps its initialisation", path, d)
+    elif any(key.startswith("bottleneck") for key in heads):
+        logger.info("%s: the file has no BNNeck for each of the %d branches (bottleneck, bottleneck_1, ...); "
+                    "the head keeps its initialisation", path, k)
+    cls_keys = [f"classifier{_suffix(i)}.weight" for i in range(k)]
+    if head.classifiers is not None and all(key in heads for key in cls_keys):
+        want = tuple(head.classifiers[0].weight.shape)
+        if all(tuple(heads[key].shape) == want for key in cls_keys):
+            for i, key in enumerate(cls_keys):
+                out[f"head.classifiers.{i}.weight"] = heads[key]
+            used.update(cls_keys)
+    for key in heads:
+        if key not in used:
+            report.ignored.append(f"{key} (TransReID re-ID head that does not fit this model's "
+                                  f"{k} branches x {d} wide, num_classes={head.num_classes})")
+    return out
+
+
+def jpm_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: JPMReIDModel, path: str = "<state dict>",
+                          fmt: str = "state dict") -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Map a TransReID JPM checkpoint, or any ViT checkpoint, to ``model``'s keys without touching ``model``.
+
+    Returns:
+        ``(state, report)``: ``state`` names every tensor of ``model.state_dict()``; what the file lacks
+        (the multi-scale neck, a head that does not fit, the camera table of ImageNet weights) is the
+        model's own and listed in ``report.kept_init``.
+    """
+    state = dict(state_dict)
+    if state and all(k.startswith("module.") for k in state):  # saved from nn.DataParallel / DDP
+        state = {k[len("module."):]: v for k, v in state.items()}
+    branches = {k: v for k, v in state.items() if _BRANCH.match(k)}
+    heads = {k: v for k, v in state.items() if _HEAD.match(k)}
+    rest = {k: v for k, v in state.items() if k not in branches and k not in heads}
+    backbone, report = vit_checkpoint_filter(rest, model.backbone, path, fmt)
+
+    last = len(model.backbone.blocks)  # index of the block the JPM branches were made from
+    last_prefix = f"blocks.{last}."
+    last_block = {k: v for k, v in backbone.items() if k.startswith(last_prefix) or k.startswith("norm.")}
+    out = {f"backbone.{k}": v for k, v in backbone.items() if k not in last_block}
+    if branches:
+        report.kind = "transreid-jpm"
+        for k in last_block:
+            report.ignored.append(f"{k} (the ViT's last block / final norm, unused by TransReID's JPM forward: "
+                                  f"b1 and b2 hold the trained copies)")
+        out.update({f"jpm.{k}": v for k, v in branches.items()})
+    else:
+        if not any(k.startswith(last_prefix) for k in last_block) or not any(k.startswith("norm.") for k in last_block):
+            depth = 1 + max((int(m.group(1)) for m in map(re.compile(r"blocks\.(\d+)\.").match, backbone) if m),
+                            default=-1)
+            raise CheckpointError(f"{path!r} ({report.kind}) has no JPM branches (b1.*, b2.*) and no block {last} "
+                                  f"plus final norm to make them from (it holds {depth} blocks); build the model "
+                                  f"with depth={depth} or load a checkpoint of this depth")
+        for k, v in last_block.items():
+            name = k[len(last_prefix):] if k.startswith(last_prefix) else k[len("norm."):]
+            sub = "0" if k.startswith(last_prefix) else "1"
+            for branch in ("b1", "b2"):
+                out[f"jpm.{branch}.{sub}.{name}"] = v
+    out.update(_head_state(heads, model, path, report))
+
+    report.kept_init = [f"backbone.{k}" for k in report.kept_init]
+    for k, v in model.state_dict().items():
+        if k not in out and k.startswith(("neck.", "head.")):
+            out[k] = v
+            report.kept_init.append(k)
+    return out, report
+
+
+def load_jpm_weights(model: JPMReIDModel, path: str | os.PathLike) -> LoadReport:
+    """Load a TransReID JPM checkpoint or any ViT checkpoint into ``model``, all of it or nothing.
+
+    JPM checkpoints fill the backbone, both branches and, where they fit (same width, ``num_classes``),
+    the five BNNecks and classifiers; other ViT checkpoints fill the backbone and copy their last block
+    and final norm into both branches. Position tables are resized as by :func:`~reid_ms.load_vit_weights`.
+
+    Returns:
+        A :class:`~reid_ms.LoadReport` with model keys (``backbone.*``, ``jpm.*``, ``head.*``).
+    """
+    if not isinstance(model, JPMReIDModel):
+        raise ConfigError(f"load_jpm_weights loads into reid_ms.JPMReIDModel, got {type(model).__name__}; "
+                          f"for a plain VitTrans use load_vit_weights")
+    path = os.fspath(path)
+    obj, fmt = read_checkpoint(path)
+    tensors, ignored = flatten_state_dict(obj, path)
+    state, report = jpm_checkpoint_filter(tensors, model, path, fmt)
+    report.ignored = ignored + report.ignored
+    return load_all_or_nothing(model, state, report)
