@@ -168,9 +168,11 @@ def run_in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, c
     (whose own memory planning handles buffers and whose batch may be symbolic); else one call. Each
     sample's result is the same either way; ``chunk_tokens <= 0`` turns chunking off.
     """
+    # Tracing first: comparing a symbolic batch size with ``step`` would make torch.export bound the batch.
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return fn(x)
     b, t = x.shape[0], x.shape[1]
     step = max(1, chunk_tokens // t)
-    if (chunk_tokens <= 0 or b <= step or (torch.is_grad_enabled() and x.requires_grad)
-            or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+    if chunk_tokens <= 0 or b <= step or (torch.is_grad_enabled() and x.requires_grad):
         return fn(x)
     return torch.cat([fn(part) for part in x.split(step)])
