@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import re
 import shutil
 from pathlib import Path
@@ -143,6 +145,9 @@ def test_extract_matches_model(extracted, split):
         assert data["paths"].tolist() == names
         np.testing.assert_allclose(data["feats"], expected, atol=1e-5, rtol=1e-5)
         assert data["feats"].dtype == np.float32
+    umask = os.umask(0)
+    os.umask(umask)
+    assert extracted[split].stat().st_mode & 0o777 == 0o666 & ~umask   # not mkstemp's private 0600
         pids, cams = data["pids"].tolist(), data["camids"].tolist()
     by_name = dict(zip(names, zip(pids, cams)))
     if split == "query":
