@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 import re
 import shutil
 from pathlib import Path
@@ -145,10 +144,10 @@ def test_extract_matches_model(extracted, split):
         assert data["paths"].tolist() == names
         np.testing.assert_allclose(data["feats"], expected, atol=1e-5, rtol=1e-5)
         assert data["feats"].dtype == np.float32
+        pids, cams = data["pids"].tolist(), data["camids"].tolist()
     umask = os.umask(0)
     os.umask(umask)
     assert extracted[split].stat().st_mode & 0o777 == 0o666 & ~umask   # not mkstemp's private 0600
-        pids, cams = data["pids"].tolist(), data["camids"].tolist()
     by_name = dict(zip(names, zip(pids, cams)))
     if split == "query":
         assert by_name["0001_c2s1_863178_01.jpg"] == (1, 1)
