@@ -129,3 +129,19 @@ def test_pretrained_backbone(name, backbone, tmp_path):
     for key, value in source.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[key], value), key
     assert set(model.load_report.loaded) == set(source.state_dict())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_export_with_a_dynamic_batch(name):
+    model = tiny(name, num_classes=5).eval()
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.add_(torch.rand_like(p))  # away from the identity BNNeck, so the head shows in the graph
+    model.head.neck_feat = "after"
+    batch = torch.export.Dim("batch", min=1)
+    example = inputs(2)
+    program = torch.export.export(model, (example,), {"cam_label": torch.tensor([0, 1])},
+                                  dynamic_shapes={"inputs": {m: {0: batch} for m in example}, "cam_label": {0: batch}})
+    x, cams = inputs(5, seed=4), torch.arange(5) % 3
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x, cam_label=cams), model(x, cam_label=cams), rtol=0, atol=1e-5)

@@ -25,8 +25,9 @@ MISSING = ("error", "zeros")
 def _repeat_label(label: Label, batch: int, times: int, name: str) -> Label:
     """Per-image labels for the ``times`` modality batches stacked into one backbone call."""
     if isinstance(label, torch.Tensor) and label.dim() == 1 or isinstance(label, Sequence) and not isinstance(label, str):
-        if len(label) != batch:
-            raise InputError(f"{name} must hold one label per image ({batch}), got {len(label)}")
+        count = label.shape[0] if isinstance(label, torch.Tensor) else len(label)  # len() would fix an export's batch
+        if count != batch:
+            raise InputError(f"{name} must hold one label per image ({batch}), got {count}")
         return label.repeat(times) if isinstance(label, torch.Tensor) else list(label) * times
     return label  # None, an int or a 0-d tensor: the same for every image; the backbone checks the rest
 
@@ -113,10 +114,11 @@ class MultiModalReIDModel(nn.Module):
             if not isinstance(inputs[m], torch.Tensor) or inputs[m].dim() != 4:
                 shape = tuple(inputs[m].shape) if isinstance(inputs[m], torch.Tensor) else type(inputs[m]).__name__
                 raise InputError(f"MultiModalReIDModel: inputs[{m!r}] must be images [B, C, H, W], got {shape}")
-        batches = {m: inputs[m].shape[0] for m in present}
-        if len(set(batches.values())) != 1:
-            raise InputError(f"MultiModalReIDModel: every modality needs the same batch size, got {batches}")
-        return present, batches[present[0]]
+        batch = inputs[present[0]].shape[0]
+        if any(inputs[m].shape[0] != batch for m in present[1:]):
+            sizes = {m: inputs[m].shape[0] for m in present}
+            raise InputError(f"MultiModalReIDModel: every modality needs the same batch size, got {sizes}")
+        return present, batch
 
     def forward_modalities(self, inputs: Mapping[str, torch.Tensor], cam_label: Label = None,
                            view_label: Label = None) -> dict[str, torch.Tensor]:
@@ -129,7 +131,7 @@ class MultiModalReIDModel(nn.Module):
         cls = tokens[:, 0]
         if self.neck is not None:
             cls = cls + self.neck.context(tokens, self.grid_size)
-        return dict(zip(present, cls.split(batch)))
+        return dict(zip(present, cls.unflatten(0, (times, -1)).unbind(0)))  # split(batch) would fix an export's batch
 
     def forward_features(self, inputs: Mapping[str, torch.Tensor], cam_label: Label = None,
                          view_label: Label = None) -> torch.Tensor:
