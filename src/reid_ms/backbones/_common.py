@@ -155,10 +155,11 @@ def side_info_index(
     return cam if cam is not None else view
 
 
-# Tokens (images x sequence length) per chunk of an inference batch. The largest activation, the MLP's
-# hidden layer, is then about 18 MiB at width 768 in fp32: below glibc's 32 MiB mmap threshold, so it is
-# recycled from the heap instead of being mapped fresh, page by page, on every layer of a large batch.
-INFERENCE_CHUNK_TOKENS = 1536
+# Tokens (images x sequence length) per chunk of an inference batch; 0: the batch in one call (default).
+# Chunks of ~1536 tokens keep the MLP's hidden layer (12 KiB a token at width 768, fp32) below glibc's
+# 32 MiB mmap threshold, which FACTS.md suggested would avoid page faults at batch 64; measured here
+# (bench/results, docs/performance.md) it was 7-20 % slower than one call, so it is opt-in.
+INFERENCE_CHUNK_TOKENS = 0
 
 
 def run_in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk_tokens: int) -> torch.Tensor:

@@ -161,7 +161,7 @@ class ClipVisual(nn.Module):
         self.transformer = ClipTransformer(width, layers, heads, mlp_ratio)
         self.ln_post = nn.LayerNorm(width, eps=CLIP_NORM_EPS)
         self.proj = nn.Parameter(torch.empty(width, output_dim))
-        # inference batches run through the blocks in chunks of about this many tokens (0: one call)
+        # > 0: inference batches run through the blocks in chunks of about this many tokens (opt-in)
         self.inference_chunk_tokens = INFERENCE_CHUNK_TOKENS
         self.init_weights()
 
@@ -198,9 +198,8 @@ class ClipVisual(nn.Module):
     ) -> torch.Tensor:
         """``[B, in_chans, img_h, img_w]`` -> ``[B, 1 + H*W, output_dim]`` (``[B, 1 + H*W, width]`` unprojected).
 
-        The CLS token comes first, then the patches row by row. In inference a large batch goes through the
-        blocks in chunks of ``inference_chunk_tokens`` tokens: the same result, without page-faulting in fresh
-        buffers for its large activations.
+        The CLS token comes first, then the patches row by row. With ``inference_chunk_tokens > 0`` an
+        inference batch goes through the blocks in chunks of about that many tokens (opt-in; same result).
         """
         check_images(images, self.in_chans, self.img_size, "ClipVisual", self.conv1.weight.dtype)
         b = images.shape[0]

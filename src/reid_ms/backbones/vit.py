@@ -91,7 +91,7 @@ class VitTrans(nn.Module):
         self.camera_num, self.view_num = camera_num, view_num
         self.sie_coef = float(sie_coef)
         self.grad_checkpointing = False
-        # inference batches run through the blocks in chunks of about this many tokens (0: one call)
+        # > 0: inference batches run through the blocks in chunks of about this many tokens (opt-in)
         self.inference_chunk_tokens = INFERENCE_CHUNK_TOKENS
 
         self.patch_embed = OverlapPatchEmbed(self.img_size, self.patch_size, self.stride_size, in_chans, embed_dim)
@@ -170,8 +170,8 @@ class VitTrans(nn.Module):
                          view_label: Label = None) -> torch.Tensor:
         """Images ``[B, C, img_h, img_w]`` -> every token after the final norm ``[B, 1 + H*W, D]``.
 
-        In inference a large batch goes through the blocks in chunks of ``inference_chunk_tokens`` tokens:
-        the same result, without page-faulting in fresh buffers for its large activations.
+        With ``inference_chunk_tokens > 0`` an inference batch goes through the blocks in chunks of about
+        that many tokens (opt-in; the same result, see ``docs/performance.md`` for when it pays).
         """
         x = self.embed(images, cam_label, view_label)
         return run_in_chunks(lambda t: self.norm(self.forward_blocks(t)), x, self.inference_chunk_tokens)
