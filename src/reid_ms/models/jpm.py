@@ -84,7 +84,10 @@ class JPMReIDModel(nn.Module):
 
     def forward_features(self, images: torch.Tensor, cam_label: Label = None,
                          view_label: Label = None) -> torch.Tensor:
-        """Images ``[B, C, img_h, img_w]`` -> ``[B, (1 + divide_length) * D]``: global, then local features (unscaled)."""
+        """Images ``[B, C, img_h, img_w]`` -> ``[B, (1 + divide_length) * D]``: global, then local features.
+
+        The local features are not yet divided by ``divide_length``; the head does that for the embedding.
+        """
         tokens = self.backbone(images, cam_label=cam_label, view_label=view_label)
         global_tokens = self.jpm.global_branch(tokens)
         cls = global_tokens[:, 0]
@@ -92,6 +95,8 @@ class JPMReIDModel(nn.Module):
             cls = cls + self.neck.context(global_tokens, self.grid_size)
         return torch.cat([cls.unsqueeze(1), self.jpm.local_branch(tokens)], dim=1).flatten(1)
 
-    def forward(self, images: torch.Tensor, cam_label: Label = None, view_label: Label = None):
+    def forward(
+        self, images: torch.Tensor, cam_label: Label = None, view_label: Label = None,
+    ) -> torch.Tensor | tuple[Optional[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]:
         """Eval: the embedding ``[B, feat_dim]``; train: ``(logits per branch or None, features per branch)``."""
         return self.head(self.forward_features(images, cam_label, view_label))

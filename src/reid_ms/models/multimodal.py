@@ -24,8 +24,10 @@ MISSING = ("error", "zeros")
 
 def _repeat_label(label: Label, batch: int, times: int, name: str) -> Label:
     """Per-image labels for the ``times`` modality batches stacked into one backbone call."""
-    if isinstance(label, torch.Tensor) and label.dim() == 1 or isinstance(label, Sequence) and not isinstance(label, str):
-        count = label.shape[0] if isinstance(label, torch.Tensor) else len(label)  # len() would fix an export's batch
+    per_image = isinstance(label, torch.Tensor) and label.dim() == 1
+    if per_image or isinstance(label, Sequence) and not isinstance(label, str):
+        # shape[0], not len(): len() would fix the batch size of a torch.export graph
+        count = label.shape[0] if isinstance(label, torch.Tensor) else len(label)
         if count != batch:
             raise InputError(f"{name} must hold one label per image ({batch}), got {count}")
         return label.repeat(times) if isinstance(label, torch.Tensor) else list(label) * times
@@ -141,7 +143,9 @@ class MultiModalReIDModel(nn.Module):
         return torch.cat([per_modality[m] if m in per_modality else torch.zeros_like(some)
                           for m in self.modalities], dim=1)
 
-    def forward(self, inputs: Mapping[str, torch.Tensor], cam_label: Label = None, view_label: Label = None):
+    def forward(
+        self, inputs: Mapping[str, torch.Tensor], cam_label: Label = None, view_label: Label = None,
+    ) -> torch.Tensor | tuple[Optional[torch.Tensor], torch.Tensor]:
         """Eval: the embedding ``[B, feat_dim]``; train: ``(logits or None, feature [B, feat_dim])``."""
         return self.head(self.forward_features(inputs, cam_label, view_label))
 
