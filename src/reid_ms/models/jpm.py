@@ -70,6 +70,7 @@ class JPMReIDModel(nn.Module):
         backbone.norm = nn.Identity()
         self.backbone = backbone
         self.jpm = jpm
+        self.adapter: Optional[nn.Module] = None  # no width adapter (read like ReIDModel.adapter)
         self.neck = neck
         self.head = MultiBranchBNNeckHead(width, 1 + divide_length, num_classes=num_classes, neck_feat=neck_feat,
                                           local_scale=1.0 / divide_length)

@@ -81,6 +81,7 @@ class MultiModalReIDModel(nn.Module):
             raise ConfigError(f"the neck is {neck.feat_dim} wide but the backbone returns {width}-wide tokens; "
                               f"build MultiScaleSlidingWindow(feat_dim={width}, ...)")
         self.backbone = backbone
+        self.adapter: Optional[nn.Module] = None  # no width adapter (read like ReIDModel.adapter)
         self.neck = neck
         self.modalities = tuple(modalities)
         self.missing = missing
