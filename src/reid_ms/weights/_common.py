@@ -67,6 +67,81 @@ def resize_pos_grid(grid: torch.Tensor, old_hw: tuple[int, int], new_hw: tuple[i
     return x.permute(0, 2, 3, 1).reshape(new_hw[0] * new_hw[1], -1).to(dtype)
 
 
+# Image sizes re-ID models are trained at, tried when a stored grid does not fit the model's image size.
+_COMMON_IMG_SIZES = ((256, 128), (384, 128), (128, 256), (384, 192), (224, 224), (384, 384))
+
+
+def grid_hint(model: nn.Module, count: int) -> str:
+    """Builder arguments of ``model``'s patch size that give ``count`` patches, as advice for an error."""
+    ph, pw = model.patch_size
+    hints = []
+    for img in (tuple(model.img_size),) + tuple(s for s in _COMMON_IMG_SIZES if s != tuple(model.img_size)):
+        if img[0] < ph or img[1] < pw:
+            continue
+        for stride in range(max(ph, pw), 0, -1):
+            h, w = (img[0] - ph) // stride + 1, (img[1] - pw) // stride + 1
+            if h * w == count:
+                same_img = img == tuple(model.img_size)
+                hints.append(f"stride_size={stride}" + ("" if same_img else f", img_size={img}")
+                             + f" (grid {h}x{w})")
+    if not hints:
+        return (f"no stride or common image size with patch_size={model.patch_size} gives {count} patches; "
+                f"build the model with the img_size and stride_size the checkpoint was trained with")
+    return "build the model with " + " or ".join(hints[:3])
+
+
+def fit_position_grid(grid: torch.Tensor, model: nn.Module, key: str, report: LoadReport) -> torch.Tensor:
+    """Patch positions ``[N, D]`` of a file -> ``[H*W, D]`` of ``model`` (with ``grid_size``, ``num_patches``).
+
+    Equal counts are copied as stored (trained re-ID checkpoints keep their training grid; TransReID and
+    CLIP-ReID resize only when the shapes differ). A square ImageNet/OpenAI grid is resized with
+    :func:`resize_pos_grid`; a non-square grid of another count has no known shape and is an error that
+    names the builder arguments that would fit it.
+    """
+    count = grid.shape[0]
+    if count == model.num_patches:
+        return grid
+    side = square_side(count)
+    if side is None:
+        h, w = model.grid_size
+        raise CheckpointError(
+            f"{report.path!r} ({report.kind}): its position table ({key}) holds {count} patch positions (not a "
+            f"square grid) and the model has {model.num_patches} ({h}x{w}); a non-square grid of unknown shape "
+            f"cannot be resized faithfully: {grid_hint(model, count)}")
+    # Resized in float32 whatever the file's dtype; the all-or-nothing load casts to the model's dtype.
+    return resize_pos_grid(grid.float(), (side, side), tuple(model.grid_size))
+
+
+def _rows_hint(rows: int) -> str:
+    return (f"camera_num={rows} (one table row per camera), or camera_num and view_num with "
+            f"camera_num * view_num = {rows} if it was trained with both labels")
+
+
+def fit_side_table(state: dict[str, torch.Tensor], key: str, model: nn.Module, report: LoadReport) -> None:
+    """Check the camera/view table ``state[key]`` against ``model``'s, or keep the model's when the file has none.
+
+    ImageNet and OpenAI weights have no table: the model's keeps its initialisation (as TransReID and
+    CLIP-ReID train it from there) and the report says so. A table the model lacks, or one of another row
+    count, is an error naming the ``camera_num`` / ``view_num`` to build with.
+    """
+    target = model.state_dict()
+    if key not in state:
+        if key in target:
+            state[key] = target[key]
+            report.kept_init.append(key)
+        return
+    rows = state[key].shape[0] if state[key].dim() else 0
+    if key not in target:
+        raise CheckpointError(
+            f"{report.path!r} ({report.kind}) has a camera/view table ({key}, {rows} rows) but the model was "
+            f"built without one (camera_num=0, view_num=0); build it with {_rows_hint(rows)}")
+    if rows != target[key].shape[0]:
+        raise CheckpointError(
+            f"{report.path!r} ({report.kind}): the camera/view table ({key}) has {rows} rows in the file but "
+            f"{target[key].shape[0]} in the model (camera_num={model.camera_num}, view_num={model.view_num}); "
+            f"build it with {_rows_hint(rows)}")
+
+
 def check_finite(state: dict[str, torch.Tensor], path: str) -> None:
     for k, v in state.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):

@@ -19,7 +19,7 @@ import torch
 
 from reid_ms.backbones.clip import ClipVisual
 from reid_ms.errors import CheckpointError, ConfigError
-from reid_ms.weights._common import LoadReport, load_all_or_nothing, resize_pos_grid, square_side
+from reid_ms.weights._common import LoadReport, fit_position_grid, fit_side_table, load_all_or_nothing
 from reid_ms.weights._io import flatten_state_dict, read_checkpoint
 
 # Entries of an OpenAI / open_clip model outside ``visual.``: the text tower, the contrastive head and
@@ -53,23 +53,6 @@ def _is_vit(keys: list[str]) -> bool:
     return False
 
 
-def _stride_hint(model: ClipVisual, count: int) -> str:
-    """Builder arguments that give ``count`` patches at the model's image and patch size, as advice."""
-    (ih, iw), (ph, pw) = model.img_size, model.patch_size
-    strides = [s for s in range(max(ph, pw), 0, -1) if ((ih - ph) // s + 1) * ((iw - pw) // s + 1) == count]
-    if strides:
-        s = strides[0]
-        return (f"build the model with stride_size={s} at img_size={model.img_size} "
-                f"(grid {(ih - ph) // s + 1}x{(iw - pw) // s + 1})")
-    return (f"no stride gives {count} patches at img_size={model.img_size} with patch_size={model.patch_size}; "
-            f"build the model with the img_size and stride_size the checkpoint was trained with")
-
-
-def _rows_hint(rows: int) -> str:
-    return (f"camera_num={rows} (one row per camera), or camera_num and view_num with camera_num * view_num = "
-            f"{rows} if it was trained with both labels")
-
-
 def _check_architecture(state: dict[str, torch.Tensor], model: ClipVisual, path: str, kind: str) -> None:
     """Name the builder arguments when the file's encoder has another width, patch, depth or output size."""
     conv, proj = state.get("conv1.weight"), state.get("proj")
@@ -101,17 +84,9 @@ def _adapt_positional_embedding(pos: torch.Tensor, model: ClipVisual, path: str,
     if not pos.is_floating_point():
         raise CheckpointError(f"{path!r} ({report.kind}): 'positional_embedding' is stored as {pos.dtype}, not "
                               f"floating point; the file is damaged or not a CLIP checkpoint")
-    count = pos.shape[0] - 1
-    if count == model.num_patches:
+    grid = fit_position_grid(pos[1:], model, "positional_embedding", report)
+    if grid.shape == pos[1:].shape:
         return pos  # CLIP-ReID's own checkpoints are stored at their training grid: copied as stored
-    side = square_side(count)
-    if side is None:
-        raise CheckpointError(
-            f"{path!r} ({report.kind}): its position table holds {count} patch positions ({count + 1} with the "
-            f"CLS), not a square grid, and the model has {model.num_patches} (grid "
-            f"{model.grid_size[0]}x{model.grid_size[1]}); a non-square grid of unknown shape cannot be resized "
-            f"faithfully: {_stride_hint(model, count)}")
-    grid = resize_pos_grid(pos[1:].float(), (side, side), tuple(model.grid_size))
     out = torch.cat([pos[:1].float(), grid])
     report.resized["positional_embedding"] = (tuple(pos.shape), tuple(out.shape))
     return out
@@ -187,23 +162,7 @@ def clip_checkpoint_filter(
         visual["positional_embedding"] = _adapt_positional_embedding(visual["positional_embedding"], model, path,
                                                                      report)
 
-    target = model.state_dict()
-    has_table = "cv_embed" in target
-    if "cv_embed" in visual:
-        rows = visual["cv_embed"].shape[0]
-        if not has_table:
-            raise CheckpointError(
-                f"{path!r} ({report.kind}) has a camera/view table (cv_embed, {rows} rows) but the model was "
-                f"built without one (camera_num=0, view_num=0); build it with {_rows_hint(rows)}")
-        if rows != target["cv_embed"].shape[0]:
-            raise CheckpointError(
-                f"{path!r} ({report.kind}): the camera/view table (cv_embed) has {rows} rows in the file but "
-                f"{target['cv_embed'].shape[0]} in the model (camera_num={model.camera_num}, "
-                f"view_num={model.view_num}); build it with {_rows_hint(rows)}")
-    elif has_table:
-        # OpenAI / open_clip weights have no camera table: CLIP-ReID trains it from its initialisation.
-        visual["cv_embed"] = target["cv_embed"]
-        report.kept_init.append("cv_embed")
+    fit_side_table(visual, "cv_embed", model, report)
     return visual, report
 
 

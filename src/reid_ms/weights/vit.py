@@ -16,13 +16,14 @@ import torch
 
 from reid_ms.backbones.vit import VitTrans
 from reid_ms.errors import CheckpointError, ConfigError
-from reid_ms.weights._common import LoadReport, load_all_or_nothing, resize_pos_grid, square_side
+from reid_ms.weights._common import (
+    LoadReport,
+    fit_position_grid,
+    fit_side_table,
+    load_all_or_nothing,
+    square_side,
+)
 from reid_ms.weights._io import flatten_state_dict, read_checkpoint
-
-# Image sizes re-ID and ImageNet models are commonly trained at, tried when a position table of another
-# grid has to be explained to the user.
-_COMMON_IMG_SIZES = ((256, 128), (384, 128), (128, 256), (384, 192), (224, 224), (384, 384))
-
 
 def _is_clip(keys: list[str]) -> bool:
     return any(k.startswith(("visual.", "image_encoder.")) or "transformer.resblocks" in k
@@ -93,25 +94,6 @@ def _from_google_npz(w: dict[str, torch.Tensor], prefix: str, path: str) -> tupl
     return {k: v.contiguous() for k, v in state.items()}, ignored
 
 
-def _grid_hint(model: VitTrans, count: int) -> str:
-    """Builder arguments of ``model``'s patch size that give ``count`` patches, as advice for an error."""
-    ph, pw = model.patch_size
-    hints = []
-    for img in (tuple(model.img_size),) + tuple(s for s in _COMMON_IMG_SIZES if s != tuple(model.img_size)):
-        for stride in range(max(ph, pw), 0, -1):
-            if img[0] < ph or img[1] < pw:
-                continue
-            h, w = (img[0] - ph) // stride + 1, (img[1] - pw) // stride + 1
-            if h * w == count:
-                same_img = img == tuple(model.img_size)
-                hints.append(f"stride_size={stride}" + ("" if same_img else f", img_size={img}")
-                             + f" (grid {h}x{w})")
-    if not hints:
-        return (f"no stride or common image size with patch_size={model.patch_size} gives {count} patches; "
-                f"build the model with the img_size and stride_size the checkpoint was trained with")
-    return "build the model with " + " or ".join(hints[:3])
-
-
 def _adapt_pos_embed(pos: torch.Tensor, n_prefix: int, model: VitTrans, path: str, kind: str,
                      report: LoadReport) -> torch.Tensor:
     """Position table ``[1, n_prefix + N, D]`` of the file -> ``[1, 1 + H*W, D]`` of the model."""
@@ -124,28 +106,11 @@ def _adapt_pos_embed(pos: torch.Tensor, n_prefix: int, model: VitTrans, path: st
         raise CheckpointError(f"{path!r} ({kind}): 'pos_embed' has shape {list(pos.shape)}, expected "
                               f"[1, {n_prefix} + patches, D]")
     old_shape = tuple(pos.shape)
-    cls_pos, grid = pos[:, :1], pos[0, n_prefix:]
-    count = grid.shape[0]
-    new_hw = tuple(model.grid_size)
-    if count != model.num_patches:
-        side = square_side(count)
-        if side is None:
-            raise CheckpointError(
-                f"{path!r} ({kind}): its position table holds {count} patch positions, not a square grid, and "
-                f"the model has {model.num_patches} ({new_hw[0]}x{new_hw[1]}); a non-square grid of unknown "
-                f"shape cannot be resized faithfully: {_grid_hint(model, count)}")
-        # Resize in float32 whatever the file's dtype; the all-or-nothing load casts to the model's dtype.
-        grid = resize_pos_grid(grid.float(), (side, side), new_hw)
-    # Equal counts are copied as stored (TransReID resizes only when the shapes differ).
-    out = torch.cat((cls_pos.to(grid.dtype), grid.unsqueeze(0)), dim=1)
+    grid = fit_position_grid(pos[0, n_prefix:], model, "pos_embed", report)
+    out = torch.cat((pos[:, :1].to(grid.dtype), grid.unsqueeze(0)), dim=1)
     if tuple(out.shape) != old_shape:
         report.resized["pos_embed"] = (old_shape, tuple(out.shape))
     return out
-
-
-def _rows_hint(rows: int) -> str:
-    return (f"camera_num={rows} (one table row per camera), or camera_num and view_num with "
-            f"camera_num * view_num = {rows} if it was trained with both labels")
 
 
 def vit_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: VitTrans, path: str = "<state dict>",
@@ -229,22 +194,7 @@ def vit_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: VitTrans, 
             report.ignored.append("pos_embed[:, 1] (position of the DeiT distillation token)")
         state["pos_embed"] = _adapt_pos_embed(state["pos_embed"], n_prefix, model, path, report.kind, report)
 
-    has_table = "sie_embed" in target
-    if "sie_embed" in state:
-        rows = state["sie_embed"].shape[0]
-        if not has_table:
-            raise CheckpointError(
-                f"{path!r} ({report.kind}) has a camera/view table (sie_embed, {rows} rows) but the model was "
-                f"built without one (camera_num=0, view_num=0); build it with {_rows_hint(rows)}")
-        if rows != target["sie_embed"].shape[0]:
-            raise CheckpointError(
-                f"{path!r} ({report.kind}): the camera/view table (sie_embed) has {rows} rows in the file but "
-                f"{target['sie_embed'].shape[0]} in the model (camera_num={model.camera_num}, "
-                f"view_num={model.view_num}); build it with {_rows_hint(rows)}")
-    elif has_table:
-        # ImageNet weights have no camera/view table: TransReID trains it from its initialisation.
-        state["sie_embed"] = target["sie_embed"]
-        report.kept_init.append("sie_embed")
+    fit_side_table(state, "sie_embed", model, report)
     return state, report
 
 
