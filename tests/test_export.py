@@ -1,5 +1,8 @@
 """torch.export and ONNX export of every registered model, camera/view labels as inputs, dynamic batch.
 
+Multi-modal models take one image batch per modality: graph inputs ``rgb``, ``nir``, ``tir`` instead of
+``images``, sharing the dynamic batch with the labels.
+
 Each model is built tiny, with the embedding taken after the BNNeck, and every parameter and BatchNorm
 statistic is randomised first: a fresh dense neck starts at zero and a fresh BNNeck is the identity, so
 parity on a fresh model would not show that the neck or the head made it into the graph.
@@ -12,8 +15,8 @@ import pytest
 import torch
 
 import reid_ms
-from reid_ms.errors import ConfigError
-from reid_ms.export import example_inputs, export_onnx, export_program, onnx_max_error
+from reid_ms.errors import ConfigError, InputError
+from reid_ms.export import call_args, example_inputs, export_onnx, export_program, onnx_max_error
 from reid_ms.registry import get_spec
 
 TINY_VIT = dict(img_size=(64, 32), stride_size=12, embed_dim=32, depth=1, num_heads=4)   # 5 x 2 grid, overlapping
@@ -23,14 +26,16 @@ TINY_NECK = dict(scales=(2, 4))          # grids not divisible by the windows, o
 # (name, camera_num, view_num): every registered model with a camera table, one per backbone with a
 # view table too (VitTrans adds the row to every token, ClipVisual to the CLS only).
 WITH_VIEWS = ("vit_b16_ms", "clip_b16_adapt_ms_light")
-# Multi-modal models take a dict of image batches, which export_program / export_onnx do not build yet;
-# tests/test_multimodal.py exports them with torch.export directly.
-REGISTERED = [(name, 3, 2 if name in WITH_VIEWS else 0) for name in reid_ms.list_models()
-              if get_spec(name).model is not reid_ms.MultiModalReIDModel]
-NO_TABLE = [("vit_b16", 0, 0), ("clip_b16_ms", 0, 0)]
+REGISTERED = [(name, 3, 2 if name in WITH_VIEWS else 0) for name in reid_ms.list_models()]
+NO_TABLE = [("vit_b16", 0, 0), ("clip_b16_ms", 0, 0), ("vit_b16_ms_rgbnt", 0, 0)]
+MODALITIES = ("rgb", "nir", "tir")
 
 
-def _tiny(name: str, camera_num: int, view_num: int) -> reid_ms.ReIDModel:
+def _multimodal(name: str) -> bool:
+    return get_spec(name).model is reid_ms.MultiModalReIDModel
+
+
+def _tiny(name: str, camera_num: int, view_num: int) -> torch.nn.Module:
     kwargs = dict(TINY_VIT if name.startswith("vit") else TINY_CLIP, camera_num=camera_num, view_num=view_num,
                   neck_feat="after")
     if "_ms" in name:
@@ -48,10 +53,15 @@ def _tiny(name: str, camera_num: int, view_num: int) -> reid_ms.ReIDModel:
     return model.eval()
 
 
-def _new_inputs(model: reid_ms.ReIDModel, batch: int) -> dict[str, torch.Tensor]:
-    """Inputs of another batch size than the traced one (2), with every label value present."""
+def _image_names(model: torch.nn.Module) -> tuple[str, ...]:
+    return MODALITIES if _multimodal(model.model_name) else ("images",)
+
+
+def _new_inputs(model: torch.nn.Module, batch: int) -> dict[str, torch.Tensor]:
+    """Inputs by graph name, of another batch size than the traced one (2), with every label value present."""
     backbone = model.backbone
-    inputs = {"images": torch.randn(batch, 3, *backbone.img_size, generator=torch.Generator().manual_seed(7))}
+    gen = torch.Generator().manual_seed(7)
+    inputs = {name: torch.randn(batch, 3, *backbone.img_size, generator=gen) for name in _image_names(model)}
     if backbone.camera_num:
         inputs["cam_label"] = torch.arange(batch) % backbone.camera_num
     if backbone.view_num:
@@ -59,29 +69,41 @@ def _new_inputs(model: reid_ms.ReIDModel, batch: int) -> dict[str, torch.Tensor]
     return inputs
 
 
-def _eager(model: reid_ms.ReIDModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def _call(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[tuple, dict[str, torch.Tensor]]:
+    """``(args, kwargs)`` of the model's call, written out: a dict of modality batches or one image batch."""
     inputs = dict(inputs)
+    if _multimodal(model.model_name):
+        images = {m: inputs.pop(m) for m in MODALITIES}
+    else:
+        images = inputs.pop("images")
+    return (images,), inputs
+
+
+def _eager(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    args, kwargs = _call(model, inputs)
     with torch.inference_mode():
-        return model(inputs.pop("images"), **inputs)
+        return model(*args, **kwargs)
 
 
-def _label_names(camera_num: int, view_num: int) -> list[str]:
-    return ["images"] + ["cam_label"] * (camera_num > 0) + ["view_label"] * (view_num > 0)
+def _input_names(name: str, camera_num: int, view_num: int) -> list[str]:
+    images = list(MODALITIES) if _multimodal(name) else ["images"]
+    return images + ["cam_label"] * (camera_num > 0) + ["view_label"] * (view_num > 0)
 
 
 @pytest.mark.parametrize("name, camera_num, view_num", REGISTERED + NO_TABLE)
 def test_torch_export_matches_eager(name, camera_num, view_num):
     model = _tiny(name, camera_num, view_num)
     program = export_program(model)
+    # torch.export names the entries of the dict argument `inputs` of a multi-modal model inputs_<key>
     assert [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"] \
-        == _label_names(camera_num, view_num)
+        == [f"inputs_{n}" if n in MODALITIES else n for n in _input_names(name, camera_num, view_num)]
     exported = program.module()
     for batch in (1, 5):
         inputs = _new_inputs(model, batch)
         expected = _eager(model, inputs)
-        images = inputs.pop("images")
+        args, kwargs = _call(model, inputs)
         with torch.no_grad():
-            got = exported(images, **inputs)
+            got = exported(*args, **kwargs)
         assert got.shape == (batch, model.feat_dim)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     if camera_num:
@@ -90,8 +112,9 @@ def test_torch_export_matches_eager(name, camera_num, view_num):
         labels = {"cam_label": torch.arange(3)}
         if view_num:
             labels["view_label"] = torch.zeros(3, dtype=torch.long)
+        args, _ = _call(model, {name: same for name in _image_names(model)})
         with torch.no_grad():
-            out = exported(same, **labels)
+            out = exported(*args, **labels)
         assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
 
 
@@ -102,7 +125,7 @@ def test_onnx_matches_eager_in_onnxruntime(name, camera_num, view_num, tmp_path)
     model = _tiny(name, camera_num, view_num)
     path = tmp_path / f"{name}.onnx"
     names = export_onnx(model, path)
-    assert names == _label_names(camera_num, view_num)
+    assert names == _input_names(name, camera_num, view_num)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == names
     assert [o.name for o in session.get_outputs()] == ["features"]
@@ -133,3 +156,21 @@ def test_example_inputs_follow_the_tables():
     assert 0 <= int(inputs["view_label"].min()) and int(inputs["view_label"].max()) < 2
     with pytest.raises(ConfigError, match="img_size and in_chans"):
         example_inputs(torch.nn.Linear(2, 2))
+
+
+def test_example_inputs_of_a_multimodal_model_and_its_call():
+    model = _tiny("clip_b16_ms_rgbnt", 3, 0)
+    inputs = example_inputs(model, batch=3, generator=torch.Generator().manual_seed(0))
+    assert list(inputs) == ["rgb", "nir", "tir", "cam_label"]
+    assert all(inputs[m].shape == (3, 3, 64, 32) for m in MODALITIES)
+    assert not torch.equal(inputs["rgb"], inputs["nir"])          # one draw per modality, not one image copied
+    args, kwargs = call_args(model, inputs)
+    assert list(args[0]) == list(MODALITIES) and list(kwargs) == ["cam_label"]
+    assert all(args[0][m] is inputs[m] for m in MODALITIES)
+
+
+def test_onnx_max_error_refuses_a_file_of_other_inputs(tmp_path):
+    path = tmp_path / "single.onnx"
+    export_onnx(_tiny("vit_b16", 3, 0), path)
+    with pytest.raises(InputError, match="takes the inputs"):
+        onnx_max_error(_tiny("vit_b16_ms_rgbnt", 3, 0), path)

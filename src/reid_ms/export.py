@@ -5,36 +5,45 @@
     names = export_onnx(model, "model.onnx")           # ["images", "cam_label"]
     err = onnx_max_error(model, "model.onnx")          # onnxruntime vs PyTorch, max abs difference
 
-The graphs take exactly the inputs the model needs: ``images`` always, ``cam_label`` when it was built
-with ``camera_num > 0``, ``view_label`` when ``view_num > 0`` (int64, one per image). The batch
-dimension is dynamic and shared by all inputs. The exported computation is the eval-mode embedding
-``[B, feat_dim]``; label range checks are eager-only (see ``reid_ms.backbones._common``), so an exported
-graph trusts its labels.
+The graphs take exactly the inputs the model needs: the images (``images``; for a
+:class:`~reid_ms.MultiModalReIDModel` one batch per modality, named after it: ``rgb``, ``nir``,
+``tir``), ``cam_label`` when it was built with ``camera_num > 0``, ``view_label`` when ``view_num > 0``
+(int64, one per image). The batch dimension is dynamic and shared by all inputs. The exported
+computation is the eval-mode embedding ``[B, feat_dim]``; label range checks are eager-only (see
+``reid_ms.backbones._common``), so an exported graph trusts its labels.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from reid_ms.errors import ConfigError, InputError
+from reid_ms.models.multimodal import MultiModalReIDModel
 
-__all__ = ["example_inputs", "export_program", "export_onnx", "onnx_max_error"]
+__all__ = ["example_inputs", "call_args", "export_program", "export_onnx", "onnx_max_error"]
 
 # Batch of the example inputs traced; 1 would let the exporter specialise the batch dimension to a constant.
 EXAMPLE_BATCH = 2
+LABELS = ("cam_label", "view_label")
 
 
 def _label_counts(model: nn.Module) -> dict[str, int]:
     """``{"cam_label": camera_num, "view_label": view_num}`` for the tables ``model``'s backbone has."""
     backbone = getattr(model, "backbone", model)
-    counts = {"cam_label": getattr(backbone, "camera_num", 0), "view_label": getattr(backbone, "view_num", 0)}
+    counts = dict(zip(LABELS, (getattr(backbone, "camera_num", 0), getattr(backbone, "view_num", 0))))
     return {name: n for name, n in counts.items() if n > 0}
+
+
+def _image_names(model: nn.Module) -> tuple[str, ...]:
+    """Graph input names of the image batches: one per modality for a multi-modal model."""
+    return tuple(model.modalities) if isinstance(model, MultiModalReIDModel) else ("images",)
 
 
 def example_inputs(model: nn.Module, batch: int = EXAMPLE_BATCH,
@@ -42,14 +51,16 @@ def example_inputs(model: nn.Module, batch: int = EXAMPLE_BATCH,
     """Random inputs the model accepts, by graph input name.
 
     Returns:
-        ``{"images": [batch, C, img_h, img_w] float32}``, plus ``"cam_label"`` / ``"view_label"``
-        ``[batch]`` int64 in range for the tables the model was built with.
+        ``{"images": [batch, C, img_h, img_w] float32}`` (a multi-modal model: ``"rgb"``, ``"nir"``,
+        ``"tir"``, each of that shape), plus ``"cam_label"`` / ``"view_label"`` ``[batch]`` int64 in
+        range for the tables the model was built with. :func:`call_args` turns them into the call.
     """
     backbone = getattr(model, "backbone", model)
     if not hasattr(backbone, "img_size") or not hasattr(backbone, "in_chans"):
         raise ConfigError(f"cannot export {type(model).__name__}: expected a reid_ms model (reid_ms.build) or "
                           f"backbone with img_size and in_chans attributes")
-    inputs = {"images": torch.randn(batch, backbone.in_chans, *backbone.img_size, generator=generator)}
+    shape = (batch, backbone.in_chans, *backbone.img_size)
+    inputs = {name: torch.randn(shape, generator=generator) for name in _image_names(model)}
     for name, count in _label_counts(model).items():
         inputs[name] = torch.randint(0, count, (batch,), generator=generator)
     # drawn on the CPU (so a seed gives the same inputs everywhere), then moved to the model
@@ -57,29 +68,46 @@ def example_inputs(model: nn.Module, batch: int = EXAMPLE_BATCH,
     return {name: t.to(device) for name, t in inputs.items()}
 
 
-def _args(model: nn.Module) -> tuple[tuple[torch.Tensor], dict[str, torch.Tensor], dict[str, dict[int, object]]]:
+def call_args(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[tuple[Any], dict[str, torch.Tensor]]:
+    """Graph inputs by name (as :func:`example_inputs` returns them) -> ``(args, kwargs)`` of ``model(...)``.
+
+    ``model(*args, **kwargs)`` is ``model(images, cam_label=..., view_label=...)``, or for a multi-modal
+    model ``model({"rgb": ..., "nir": ..., "tir": ...}, cam_label=..., ...)``.
+    """
+    names = _image_names(model)
+    images = {m: inputs[m] for m in names} if isinstance(model, MultiModalReIDModel) else inputs[names[0]]
+    return (images,), {name: inputs[name] for name in LABELS if name in inputs}
+
+
+def _args(model: nn.Module) -> tuple[tuple[Any], dict[str, torch.Tensor], dict[str, Any], list[str]]:
+    """Traced ``(args, kwargs)``, their dynamic shapes (by ``forward``'s argument names) and the input names."""
     inputs = example_inputs(model)
+    args, kwargs = call_args(model, inputs)
     batch = torch.export.Dim("batch", min=1)
-    dynamic = {name: {0: batch} for name in inputs}
-    images = inputs.pop("images")
-    return (images,), inputs, dynamic
+    first = next(iter(inspect.signature(model.forward).parameters))
+    images = args[0]
+    dynamic = {first: {m: {0: batch} for m in images} if isinstance(images, dict) else {0: batch},
+               **{name: {0: batch} for name in kwargs}}
+    return args, kwargs, dynamic, list(inputs)
 
 
 def export_program(model: nn.Module) -> torch.export.ExportedProgram:
     """``torch.export`` the eval-mode ``model`` with a dynamic batch and its labels as keyword inputs.
 
-    ``model`` is a :class:`~reid_ms.ReIDModel` (or a backbone) and is put in eval mode. Call the result as
-    the model: ``program.module()(images, cam_label=cams, view_label=views)``.
+    ``model`` is a model from :func:`~reid_ms.build` (or a backbone) and is put in eval mode. Call the
+    result as the model: ``program.module()(images, cam_label=cams, view_label=views)``, or with the dict
+    of modality batches for a :class:`~reid_ms.MultiModalReIDModel`.
     """
-    args, kwargs, dynamic = _args(model.eval())
+    args, kwargs, dynamic, _ = _args(model.eval())
     return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic)
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 18) -> list[str]:
     """Write the eval-mode ``model`` to the ONNX file ``path``; returns the graph's input names.
 
-    Inputs ``images`` ``[batch, C, img_h, img_w]`` float32 and, where the model has the tables,
-    ``cam_label`` / ``view_label`` ``[batch]`` int64; output ``features`` ``[batch, feat_dim]``. Uses
+    Inputs ``images`` ``[batch, C, img_h, img_w]`` float32 (a multi-modal model: one such input per
+    modality, ``rgb``, ``nir``, ``tir``) and, where the model has the tables, ``cam_label`` /
+    ``view_label`` ``[batch]`` int64; output ``features`` ``[batch, feat_dim]``. Uses
     ``torch.onnx.export``'s ``torch.export``-based exporter, which needs the packages ``onnx`` and
     ``onnxscript`` (the ``dev`` extra).
     """
@@ -89,8 +117,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 18) -> l
     except ImportError as exc:
         raise ConfigError(f"ONNX export needs the packages onnx and onnxscript ({exc}); "
                           f"pip install 'reid-ms[dev]'") from exc
-    args, kwargs, dynamic = _args(model.eval())
-    names = ["images", *kwargs]
+    args, kwargs, dynamic, names = _args(model.eval())
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with warnings.catch_warnings():
         # the exporter warns that it renames the batch axis the inputs share: expected here
@@ -111,12 +138,15 @@ def onnx_max_error(model: nn.Module, path: str | os.PathLike, batch: int = 3, se
     except ImportError as exc:
         raise ConfigError(f"checking an ONNX file needs onnxruntime ({exc}); pip install 'reid-ms[dev]'") from exc
     inputs = example_inputs(model, batch, torch.Generator().manual_seed(seed))
+    args, kwargs = call_args(model, inputs)
     with torch.inference_mode():
-        images = inputs.pop("images")
-        expected = model.eval()(images, **inputs).float().cpu().numpy()
+        expected = model.eval()(*args, **kwargs).float().cpu().numpy()
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {"images": images.cpu().numpy(), **{name: t.cpu().numpy() for name, t in inputs.items()}}
-    got = session.run(None, feeds)[0]
+    wanted = [i.name for i in session.get_inputs()]
+    if sorted(wanted) != sorted(inputs):
+        raise InputError(f"{str(path)!r} takes the inputs {wanted} where the model takes {list(inputs)}; it was "
+                         f"exported from another model")
+    got = session.run(None, {name: t.cpu().numpy() for name, t in inputs.items()})[0]
     if got.shape != expected.shape:
         raise InputError(f"{str(path)!r} returns features of shape {got.shape} where the model returns "
                          f"{expected.shape}; it was exported from another model")
