@@ -16,6 +16,7 @@ import reid_ms
 from reid_ms.cli import main
 from reid_ms.data import parse_market_name
 from reid_ms.errors import InputError
+from reid_ms.registry import get_spec
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample_data"
 
@@ -132,6 +133,46 @@ def test_info_neck_and_adapter(capsys):
     assert "(64 - 16) // 12 + 1" not in out and "5 x 2 = 10 patches" in out
     assert "32 wide; feature 48 wide" in out
     assert "light, scales (2,)" in out
+
+
+TINY_SETS = {"vit": ["--set", "embed_dim=64", "--set", "depth=2", "--set", "num_heads=4"],
+             "clip": ["--set", "width=64", "--set", "layers=2", "--set", "heads=4", "--set", "output_dim=32"]}
+
+
+def _info(capsys, name: str, *extra: str) -> str:
+    rc, out, err = _run(capsys, "info", name, "--img-size", "64", "32", *TINY_SETS[name.split("_")[0]],
+                        *(["--set", "scales=(2,)"] if get_spec(name).neck_mode else []), *extra)
+    assert rc == 0, err
+    return out
+
+
+@pytest.mark.parametrize("name", reid_ms.list_models())
+def test_info_parts_add_up_to_the_total(name, capsys):
+    out = _info(capsys, name)
+    line = next(line for line in out.splitlines() if line.startswith("parameters"))
+    total, parts = re.fullmatch(r"parameters\s+([\d,]+) \((.*)\)", line).groups()
+    counts = {part.rsplit(" ", 1)[0]: int(part.rsplit(" ", 1)[1].replace(",", "")) for part in parts.split(", ")}
+    assert sum(counts.values()) == int(total.replace(",", ""))
+    if get_spec(name).model is reid_ms.JPMReIDModel:
+        # two copies (b1, b2) of a ViT block of width 64 and its final LayerNorm
+        vit = reid_ms.VitTrans(img_size=(64, 32), embed_dim=64, depth=1, num_heads=4)
+        one = sum(p.numel() for p in vit.blocks[0].parameters()) + sum(p.numel() for p in vit.norm.parameters())
+        assert counts["jpm branches"] == 2 * one
+        assert "JigsawPatchNeck" in out and "global + 4 local branches x 64" in out
+    else:
+        assert "jpm branches" not in out
+
+
+def test_info_multimodal_counts_every_modality(capsys):
+    camera = ("--camera-num", "3")
+    single = _info(capsys, "vit_b16_ms", *camera)
+    fused = _info(capsys, "vit_b16_ms_rgbnt", *camera)
+    flops = {key: int(re.search(r"\(([\d,]+); multiply", out).group(1).replace(",", ""))
+             for key, out in (("single", single), ("fused", fused))}
+    # the shared backbone and neck run once per modality; the BNNeck in eval mode is no matrix product
+    assert flops["fused"] == 3 * flops["single"]
+    assert "shared by rgb, nir, tir" in fused and "feature 192 wide (3 modalities x 64" in fused
+    assert "per set of 3 images (rgb, nir, tir)" in fused
 
 
 # -- extract / eval --------------------------------------------------------------------------------
@@ -274,6 +315,20 @@ def test_export_onnx_parity(tmp_path, capsys):
     assert not np.allclose(got[0], got[3])       # the camera label reaches the graph
 
 
+def test_export_multimodal_onnx(tmp_path, capsys):
+    import onnxruntime
+
+    out = tmp_path / "rgbnt.onnx"
+    args = ["clip_b16_ms_rgbnt", "--img-size", "64", "32", "--camera-num", "2", "--set", "width=32",
+            "--set", "layers=1", "--set", "heads=2", "--set", "output_dim=16", "--set", "scales=(2,)"]
+    rc, printed, _ = _run(capsys, "export", *args, "--out", out)
+    assert rc == 0 and "inputs rgb, nir, tir, cam_label; output features [batch, 48]" in printed
+    err = float(re.search(r"difference to PyTorch (\S+) on", printed).group(1))
+    assert err <= 1e-4
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["rgb", "nir", "tir", "cam_label"]
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
@@ -285,6 +340,10 @@ def test_export_onnx_parity(tmp_path, capsys):
     (["extract", "vit_b16", "--images", "{tmp}/nowhere", "--out", "{tmp}/x.npz"], "does not exist"),
     (["eval", "--query-feats", "{tmp}/q.npz"], "go together"),
     (["eval"], "give either"),
+    (["extract", "vit_b16_ms_rgbnt", "--images", str(SAMPLE / "query"), "--out", "{tmp}/x.npz"],
+     "needs one image folder per modality"),
+    (["eval", "clip_b16_ms_rgbnt", "--query", str(SAMPLE / "query"), "--gallery", str(SAMPLE / "gallery")],
+     "needs one image folder per modality"),
 ])
 def test_errors_exit_2_with_one_line(argv, message, tmp_path, capsys):
     rc, out, err = _run(capsys, *[a.format(tmp=tmp_path) for a in argv])

@@ -40,9 +40,10 @@ from reid_ms.data import (
     JUNK_PID, REID_MEAN, REID_STD, ReidImageFolder, eval_transform, list_images, parse_market_name,
 )
 from reid_ms.errors import CheckpointNotFoundError, ConfigError, InputError, ReidMsError
-from reid_ms.export import export_onnx, onnx_max_error
+from reid_ms.export import call_args, example_inputs, export_onnx, onnx_max_error
 from reid_ms.flops import count_flops
 from reid_ms.metrics import METRICS, evaluate
+from reid_ms.registry import get_spec
 
 _logger = logging.getLogger("reid_ms.cli")
 
@@ -97,6 +98,15 @@ def _build_model(args: argparse.Namespace) -> nn.Module:
     torch.manual_seed(args.seed)
     model = reid_ms.build(args.name, pretrained=None if weights is None else str(weights), **_build_kwargs(args))
     return model.eval().to(args.device)
+
+
+def _check_one_folder_model(args: argparse.Namespace) -> None:
+    """Refuse, before building it, a multi-modal model where one image folder is all the command reads."""
+    if get_spec(args.name).model is reid_ms.MultiModalReIDModel:
+        raise ConfigError(f"{args.name} is a multi-modal model: it needs one image folder per modality (rgb, nir, "
+                          f"tir) and 'reid-ms {args.command}' reads one; extract its features in Python with "
+                          f"model({{'rgb': ..., 'nir': ..., 'tir': ...}}) (docs/api.md), or export it with "
+                          f"'reid-ms export {args.name}'")
 
 
 def _sha256(path: Path) -> str:
@@ -189,6 +199,7 @@ def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def _cmd_extract(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.save_every < 1:
         raise ConfigError(f"--batch-size and --save-every must be >= 1, got {args.batch_size} and {args.save_every}")
+    _check_one_folder_model(args)
     out = Path(args.out)
     files = list_images(args.images)
     model = _build_model(args)
@@ -278,6 +289,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         if args.query is None or args.gallery is None or args.name is None:
             raise ConfigError("evaluating image folders needs --query, --gallery and a model NAME")
+        _check_one_folder_model(args)
         model = _build_model(args)
         sets = [_features_from_dir(args, model, folder, what)
                 for folder, what in ((args.query, "query"), (args.gallery, "gallery"))]
@@ -303,28 +315,46 @@ def _count(module: Optional[nn.Module]) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
+def _parts(model: nn.Module) -> list[tuple[str, Optional[nn.Module]]]:
+    """The parts whose parameters make up ``model``'s, by the name ``info`` prints."""
+    parts = [("backbone", model.backbone), ("adapter", model.adapter)]
+    if isinstance(model, reid_ms.JPMReIDModel):
+        parts.append(("jpm branches", model.jpm))
+    return parts + [("neck", model.neck), ("head", model.head)]
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     model = _build_model(args)
     backbone = model.backbone
-    images = torch.zeros(1, backbone.in_chans, *backbone.img_size, device=args.device)
-    cams = torch.zeros(1, dtype=torch.long, device=args.device) if backbone.camera_num > 0 else None
-    views = torch.zeros(1, dtype=torch.long, device=args.device) if backbone.view_num > 0 else None
-    flops = count_flops(model, images, cam_label=cams, view_label=views)
+    call, labels = call_args(model, example_inputs(model, batch=1))
+    flops = count_flops(model, *call, **labels)
     grid = model.grid_size
     neck = model.neck
-    print(f"model        {args.name} ({type(backbone).__name__}"
-          f"{' + DimAdapter' if model.adapter is not None else ''}"
-          f"{f' + {type(neck).__name__}' if neck is not None else ''})")
+    parts = [type(backbone).__name__, *(type(m).__name__ for _, m in _parts(model)[1:-1] if m is not None)]
+    multimodal = isinstance(model, reid_ms.MultiModalReIDModel)
+    shared = f", shared by {', '.join(model.modalities)}" if multimodal else ""
+    print(f"model        {args.name} ({' + '.join(parts)}{shared})")
     print(f"input        {backbone.img_size[0]}x{backbone.img_size[1]}, patch {backbone.patch_size[0]}, "
-          f"stride {backbone.stride_size[0]}x{backbone.stride_size[1]}")
+          f"stride {backbone.stride_size[0]}x{backbone.stride_size[1]}"
+          f"{f', one image per modality' if multimodal else ''}")
     print(f"grid         {grid[0]} x {grid[1]} = {grid[0] * grid[1]} patches (+1 CLS)")
-    print(f"tokens       {backbone.out_dim} wide; feature {model.feat_dim} wide "
-          f"({model.head.neck_feat} the BNNeck)")
+    if isinstance(model, reid_ms.JPMReIDModel):
+        jpm = model.jpm
+        what = f"global + {jpm.divide_length} local branches x {backbone.out_dim}, {model.head.neck_feat} the BNNecks"
+    elif multimodal:
+        what = f"{len(model.modalities)} modalities x {backbone.out_dim}, {model.head.neck_feat} the BNNeck"
+    else:
+        what = f"{model.head.neck_feat} the BNNeck"
+    print(f"tokens       {backbone.out_dim} wide; feature {model.feat_dim} wide ({what})")
+    if isinstance(model, reid_ms.JPMReIDModel):
+        print(f"jpm          shift {jpm.shift_num}, shuffle groups {jpm.shuffle_groups}, "
+              f"{jpm.divide_length} local groups, rearrange {jpm.rearrange}")
     print(f"neck         {'none' if neck is None else f'{neck.mode}, scales {tuple(neck.scales)}'}")
     print(f"cameras      {backbone.camera_num}, views {backbone.view_num}")
-    print(f"parameters   {_count(model):,} (backbone {_count(backbone):,}, adapter {_count(model.adapter):,}, "
-          f"neck {_count(neck):,}, head {_count(model.head):,})")
-    print(f"FLOPs        {flops / 1e9:.4g} G per image ({flops:,}; multiply and add counted separately)")
+    counts = ", ".join(f"{name} {_count(module):,}" for name, module in _parts(model))
+    print(f"parameters   {_count(model):,} ({counts})")
+    per = f"set of {len(model.modalities)} images ({', '.join(model.modalities)})" if multimodal else "image"
+    print(f"FLOPs        {flops / 1e9:.4g} G per {per} ({flops:,}; multiply and add counted separately)")
     return 0
 
 
