@@ -25,12 +25,15 @@ from torch.utils.data import DataLoader
 
 import reid_ms
 from reid_ms.data import JUNK_PID, ReidImageFolder, eval_transform
+from reid_ms.registry import get_spec
 
 SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"
+# models fed one image folder; multi-modal ones need a folder per modality (rgb, nir, tir)
+MODELS = [name for name in reid_ms.list_models() if get_spec(name).model is not reid_ms.MultiModalReIDModel]
 TINY = {"vit": dict(embed_dim=64, depth=2, num_heads=4), "clip": dict(width=64, layers=2, heads=4, output_dim=32)}
 
 
-def extract(model: reid_ms.ReIDModel, folder: Path, batch_size: int, device: str) -> tuple[np.ndarray, ...]:
+def extract(model: torch.nn.Module, folder: Path, batch_size: int, device: str) -> tuple[np.ndarray, ...]:
     """Features ``[N, feat_dim]``, person ids ``[N]`` and 0-based cameras ``[N]`` of the images in ``folder``."""
     dataset = ReidImageFolder(folder, eval_transform(model.backbone.img_size))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -46,7 +49,7 @@ def extract(model: reid_ms.ReIDModel, folder: Path, batch_size: int, device: str
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="vit_b16_ms", choices=reid_ms.list_models())
+    parser.add_argument("--model", default="vit_b16_ms", choices=MODELS)
     parser.add_argument("--checkpoint", help="a local checkpoint for the backbone (see docs/loading.md)")
     parser.add_argument("--data", type=Path, default=SAMPLE_DATA, help="folder holding the query and gallery folders")
     parser.add_argument("--query-dir", default="query")

@@ -14,7 +14,9 @@ One process per GPU, started by torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE, 
     torchrun --nproc_per_node 2 examples/train_ddp.py --tiny --steps 2
 
 Loss: cross-entropy on the BNNeck logits plus a batch-hard triplet loss on the feature before the
-BNNeck (TransReID's and CLIP-ReID's pair). On GPUs the BNNeck becomes a SyncBatchNorm, so its batch
+BNNeck (TransReID's and CLIP-ReID's pair); for the JPM models (``vit_b16_jpm``, ``vit_b16_ms_jpm``) each
+loss is TransReID's half global branch, half mean of the local branches. Multi-modal models are not
+offered: they need an image batch per modality. On GPUs the BNNeck becomes a SyncBatchNorm, so its batch
 statistics cover the global batch; PyTorch runs SyncBatchNorm on GPUs only, so on the CPU each process
 normalises its own batch and DDP copies rank 0's running statistics to the others at every forward.
 Rank 0 saves the model's state dict (``--out``): rebuild the model with the same arguments and
@@ -37,9 +39,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 
 import reid_ms
 from reid_ms.data import ReidImageFolder, eval_transform
+from reid_ms.registry import get_spec
 
 logger = logging.getLogger("train_ddp")
 
+# the models trained from one image batch: multi-modal ones take a batch per modality
+MODELS = [name for name in reid_ms.list_models() if get_spec(name).model is not reid_ms.MultiModalReIDModel]
 TINY = {"vit": dict(embed_dim=64, depth=2, num_heads=4, img_size=(64, 32)),
         "clip": dict(width=64, layers=2, heads=4, output_dim=32, img_size=(64, 32))}
 
@@ -52,6 +57,15 @@ def batch_hard_triplet(feature: torch.Tensor, pids: torch.Tensor, margin: float 
     hardest_pos = dist_.masked_fill(~same, 0).amax(1)
     hardest_neg = dist_.masked_fill(same, float("inf")).amin(1)
     return F.relu(hardest_pos - hardest_neg + margin).mean()
+
+
+def reid_loss(logits: torch.Tensor | tuple[torch.Tensor, ...], feature: torch.Tensor | tuple[torch.Tensor, ...],
+              pids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy + triplet; per branch for a JPM model: 0.5 * global + 0.5 * mean of the local (TransReID)."""
+    if not isinstance(logits, tuple):
+        return F.cross_entropy(logits, pids) + batch_hard_triplet(feature, pids)
+    branch = [F.cross_entropy(s, pids) + batch_hard_triplet(f, pids) for s, f in zip(logits, feature)]
+    return 0.5 * branch[0] + 0.5 * sum(branch[1:]) / len(branch[1:])
 
 
 def synthetic_data(num: int, num_classes: int, camera_num: int, img_size: tuple[int, int]) -> TensorDataset:
@@ -84,7 +98,7 @@ class MarketTrainSet(Dataset):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="vit_b16_ms", choices=reid_ms.list_models())
+    parser.add_argument("--model", default="vit_b16_ms", choices=MODELS)
     parser.add_argument("--data", help="a Market-1501-named training folder; without it, random images")
     parser.add_argument("--pretrained", help="a local backbone checkpoint (ImageNet / OpenAI CLIP)")
     parser.add_argument("--img-size", type=int, nargs=2, default=(256, 128), metavar=("H", "W"))
@@ -113,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         dataset = MarketTrainSet(args.data, img_size)
         num_classes, camera_num = len(dataset.classes), dataset.camera_num
-    if args.model.endswith("_ms") or args.model.endswith("_light"):
+    if get_spec(args.model).neck_mode is not None:
         overrides.setdefault("scales", (2, 4) if args.tiny else (4, 8, 16))
 
     # every rank builds the same model; DDP also copies rank 0's parameters to the others at wrapping
@@ -138,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         for images, pids, cams in loader:
             images, pids, cams = images.to(device), pids.to(device), cams.to(device)
             logits, feature = ddp(images, cam_label=cams)
-            loss = F.cross_entropy(logits, pids) + batch_hard_triplet(feature, pids)
+            loss = reid_loss(logits, feature, pids)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the gradients over the processes here
             optimizer.step()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +16,7 @@ from PIL import Image
 
 import reid_ms
 from reid_ms.cli import main as reid_ms_main
+from reid_ms.registry import get_spec
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SAMPLE = EXAMPLES / "sample_data"
@@ -137,3 +141,71 @@ def test_make_sample_data_rebuilds_the_shipped_set(outputs):
         assert made == sorted(p.name for p in (SAMPLE / split).iterdir())
         with Image.open(made_root / split / made[0]) as img:
             assert img.size == (64, 128)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script", ["extract_features", "train_ddp"])
+def test_examples_offer_only_models_they_can_feed(script, capsys):
+    module = _load_example(script)
+    multimodal = [n for n in reid_ms.list_models() if get_spec(n).model is reid_ms.MultiModalReIDModel]
+    assert multimodal and not set(multimodal) & set(module.MODELS)
+    assert set(module.MODELS) | set(multimodal) == set(reid_ms.list_models())   # JPM models included
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--model", multimodal[0]])
+    assert stop.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_extract_features_jpm(capsys):
+    # in-process: the script's main with its own arguments, without another interpreter start-up
+    _load_example("extract_features").main(["--tiny", "--model", "vit_b16_jpm", "--batch-size", "8"])
+    out = capsys.readouterr().out
+    # 5 BNNeck branches (global + 4 local) of the 64-wide tiny ViT
+    assert "model     vit_b16_jpm: 128x64, grid 8x4, feature width 320" in out
+    assert "query     7 images (0 junk dropped) -> features [7, 320]" in out
+
+
+def test_train_ddp_jpm_loss_over_the_branches(tmp_path, monkeypatch, caplog):
+    # one gloo process, in-process, set up as torchrun would
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(_free_port())).items():
+        monkeypatch.setenv(key, value)
+    caplog.set_level(logging.INFO, logger="train_ddp")
+    out = tmp_path / "jpm.pt"
+    _load_example("train_ddp").main(["--tiny", "--steps", "2", "--batch", "4", "--model", "vit_b16_ms_jpm",
+                                     "--out", str(out)])
+    assert "step 2/2 loss" in caplog.text
+    trained = torch.load(out, weights_only=True)
+    torch.manual_seed(0)       # the example's seed and arguments: its initialisation
+    model = reid_ms.build("vit_b16_ms_jpm", embed_dim=64, depth=2, num_heads=4, img_size=(64, 32), scales=(2, 4),
+                          camera_num=3, num_classes=4)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(trained)                                     # strict: the JPM model's own keys
+    moved = {k for k, v in trained.items() if k.startswith("head.classifiers.") and not torch.equal(v, start[k])}
+    assert moved == {f"head.classifiers.{i}.weight" for i in range(5)}   # every branch's classifier is trained
+    assert not torch.equal(trained["jpm.b2.0.mlp.fc1.weight"], start["jpm.b2.0.mlp.fc1.weight"])
+
+
+def test_jpm_loss_is_transreids_weighting():
+    example = _load_example("train_ddp")
+    loss_fn, tri = example.reid_loss, example.batch_hard_triplet
+    gen = torch.Generator().manual_seed(0)
+    pids = torch.tensor([0, 0, 1, 1])
+    logits = tuple(torch.randn(4, 3, generator=gen) for _ in range(5))
+    feats = tuple(torch.randn(4, 8, generator=gen) for _ in range(5))
+    ce = torch.nn.functional.cross_entropy
+    expected = (0.5 * (ce(logits[0], pids) + tri(feats[0], pids))
+                + 0.5 * sum(ce(s, pids) + tri(f, pids) for s, f in zip(logits[1:], feats[1:])) / 4)
+    torch.testing.assert_close(loss_fn(logits, feats, pids), expected)
+    torch.testing.assert_close(loss_fn(logits[0], feats[0], pids), ce(logits[0], pids) + tri(feats[0], pids))
