@@ -5,6 +5,9 @@
 and any grid; ``build(name)`` assembles named backbone + neck + head models.
 """
 
+from reid_ms import metrics
+from reid_ms.backbones.clip import ClipVisual
+from reid_ms.backbones.vit import VitTrans
 from reid_ms.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -13,23 +16,34 @@ from reid_ms.errors import (
     ReidMsError,
     UnsafeCheckpointError,
 )
+from reid_ms.export import export_onnx, export_program
+from reid_ms.heads import BNNeckHead
+from reid_ms.heads.multibranch import MultiBranchBNNeckHead
+from reid_ms.model import ReIDModel
+from reid_ms.models import JPMReIDModel, MultiModalReIDModel
+from reid_ms.models.multimodal import load_multimodal_weights
+from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow
+from reid_ms.necks.jpm import JigsawPatchNeck
+from reid_ms.registry import ModelSpec, build, list_models, register
 from reid_ms.weights._common import LoadReport
+from reid_ms.weights.clip import load_clip_weights
+from reid_ms.weights.jpm import load_jpm_weights
+from reid_ms.weights.vit import load_vit_weights
 
 __version__ = "0.1.0"
 
-# -- public API (each module adds its names below) --
-from reid_ms import metrics  # noqa: E402  (reid_ms.metrics.evaluate)
-from reid_ms.heads import BNNeckHead  # noqa: E402
-from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow  # noqa: E402
-from reid_ms.backbones.vit import VitTrans  # noqa: E402
-from reid_ms.weights.vit import load_vit_weights  # noqa: E402
-from reid_ms.backbones.clip import ClipVisual  # noqa: E402
-from reid_ms.weights.clip import load_clip_weights  # noqa: E402
-from reid_ms.model import ReIDModel  # noqa: E402
-from reid_ms.registry import ModelSpec, build, list_models, register  # noqa: E402
-from reid_ms.export import export_onnx, export_program  # noqa: E402
-from reid_ms.necks.jpm import JigsawPatchNeck  # noqa: E402
-from reid_ms.heads.multibranch import MultiBranchBNNeckHead  # noqa: E402
-from reid_ms.models import JPMReIDModel, MultiModalReIDModel  # noqa: E402
-from reid_ms.models.multimodal import load_multimodal_weights  # noqa: E402
-from reid_ms.weights.jpm import load_jpm_weights  # noqa: E402
+__all__ = [
+    # backbones: one call signature, every token back
+    "VitTrans", "ClipVisual",
+    # weights
+    "load_vit_weights", "load_clip_weights", "load_jpm_weights", "load_multimodal_weights", "LoadReport",
+    # necks and heads
+    "MultiScaleSlidingWindow", "DimAdapter", "JigsawPatchNeck", "BNNeckHead", "MultiBranchBNNeckHead",
+    # models and the registry
+    "ReIDModel", "JPMReIDModel", "MultiModalReIDModel", "ModelSpec", "build", "list_models", "register",
+    # export, metrics
+    "export_onnx", "export_program", "metrics",
+    # errors
+    "ReidMsError", "ConfigError", "InputError", "CheckpointError", "CheckpointNotFoundError",
+    "UnsafeCheckpointError",
+]
