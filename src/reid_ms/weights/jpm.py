@@ -94,9 +94,10 @@ def jpm_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: JPMReIDMod
     out = {f"backbone.{k}": v for k, v in backbone.items() if k not in last_block}
     if branches:
         report.kind = "transreid-jpm"
-        for k in last_block:
-            report.ignored.append(f"{k} (the ViT's last block / final norm, unused by TransReID's JPM forward: "
-                                  f"b1 and b2 hold the trained copies)")
+        stored = "base." if any(k.startswith("base.") for k in rest) else ""
+        report.ignored.append(f"{stored}{last_prefix}*, {stored}norm.* ({len(last_block)} tensors: the ViT's last "
+                              f"block and final norm, unused by TransReID's JPM forward; b1 and b2 hold the "
+                              f"trained copies)")
         out.update({f"jpm.{k}": v for k, v in branches.items()})
     else:
         if not any(k.startswith(last_prefix) for k in last_block) or not any(k.startswith("norm.") for k in last_block):
