@@ -16,6 +16,7 @@ from reid_ms.errors import (
     ReidMsError,
     UnsafeCheckpointError,
 )
+from reid_ms.distributed import convert_sync_batchnorm
 from reid_ms.export import export_onnx, export_program
 from reid_ms.heads import BNNeckHead
 from reid_ms.heads.multibranch import MultiBranchBNNeckHead
@@ -41,6 +42,8 @@ __all__ = [
     "MultiScaleSlidingWindow", "DimAdapter", "JigsawPatchNeck", "BNNeckHead", "MultiBranchBNNeckHead",
     # models and the registry
     "ReIDModel", "JPMReIDModel", "MultiModalReIDModel", "ModelSpec", "build", "list_models", "register",
+    # distributed training
+    "convert_sync_batchnorm",
     # export, metrics
     "export_onnx", "export_program", "metrics",
     # errors
