@@ -16,9 +16,9 @@ One process per GPU, started by torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE, 
 Loss: cross-entropy on the BNNeck logits plus a batch-hard triplet loss on the feature before the
 BNNeck (TransReID's and CLIP-ReID's pair); for the JPM models (``vit_b16_jpm``, ``vit_b16_ms_jpm``) each
 loss is TransReID's half global branch, half mean of the local branches. Multi-modal models are not
-offered: they need an image batch per modality. On GPUs the BNNeck becomes a SyncBatchNorm, so its batch
-statistics cover the global batch; PyTorch runs SyncBatchNorm on GPUs only, so on the CPU each process
-normalises its own batch and DDP copies rank 0's running statistics to the others at every forward.
+offered: they need an image batch per modality. ``reid_ms.convert_sync_batchnorm`` makes the BNNeck a
+SyncBatchNorm, so its batch statistics cover the global batch: PyTorch's SyncBatchNorm on GPUs, reid_ms's
+all-reduce version on the CPU (gloo), where PyTorch's refuses to run.
 Rank 0 saves the model's state dict (``--out``): rebuild the model with the same arguments and
 ``model.load_state_dict(torch.load(path))``.
 """
@@ -33,7 +33,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
@@ -134,8 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model = reid_ms.build(args.model, pretrained=args.pretrained, camera_num=camera_num, num_classes=num_classes,
                           **overrides)
-    if cuda:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the BNNeck over the global batch
+    reid_ms.convert_sync_batchnorm(model)  # the BNNeck over the global batch, on GPUs and on the CPU
     model.to(device).train()
     ddp = DDP(model, device_ids=[local_rank] if cuda else None, find_unused_parameters=False)
     optimizer = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=args.lr, momentum=0.9,

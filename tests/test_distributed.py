@@ -5,13 +5,11 @@ different images, and takes two SGD steps on cross-entropy + batch-hard triplet 
 ``find_unused_parameters=False`` (a parameter without a gradient would stop the second step). The
 replicas must then hold bit-identical parameters, different from the initial ones.
 
-SyncBatchNorm: ``nn.SyncBatchNorm.convert_sync_batchnorm`` converts the BNNeck (checked: same
-parameters, frozen bias still frozen), but PyTorch's SyncBatchNorm runs on GPUs only: in training
-mode with a process group it raises ``ValueError: SyncBatchNorm expected input tensor to be on GPU``
-on CPU tensors (torch 2.14). The worker tries it; where it is refused, it trains with the plain
-BatchNorm, the route PyTorch supports on the CPU (each process normalises its own batch; DDP's
-``broadcast_buffers`` copies rank 0's running statistics at every forward). The route taken is
-asserted and reported, so a torch that runs SyncBatchNorm on the CPU is used as soon as it exists.
+SyncBatchNorm: ``reid_ms.convert_sync_batchnorm`` turns the BNNeck into ``reid_ms.distributed.SyncBatchNorm``
+(same parameters, frozen bias still frozen), which synchronizes on the CPU with gloo (PyTorch's own
+refuses CPU tensors). DDP runs with ``broadcast_buffers=False``, so nothing copies rank 0's running
+statistics: the BNNeck's buffers are bit-identical on both ranks only because each forward used the
+global batch, and they equal a plain BatchNorm run over the features of both ranks, step by step.
 """
 
 from __future__ import annotations
@@ -33,6 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import reid_ms
+from reid_ms.distributed import SyncBatchNorm
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -56,20 +55,16 @@ def _triplet(feature: torch.Tensor, pids: torch.Tensor, margin: float = 0.3) -> 
     return F.relu(d.masked_fill(~same, 0).amax(1) - d.masked_fill(same, float("inf")).amin(1) + margin).mean()
 
 
-def _sync_bn_route(model: reid_ms.ReIDModel) -> str:
-    """Convert the BNNeck to SyncBatchNorm; keep it if it runs here, else restore the BatchNorm."""
+def _convert_bnneck(model: reid_ms.ReIDModel) -> list[torch.Tensor]:
+    """Make the BNNeck a SyncBatchNorm; returns the list its inputs (this rank's features) are logged to."""
     plain = model.head.bottleneck
-    nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    reid_ms.convert_sync_batchnorm(model)
     synced = model.head.bottleneck
-    assert isinstance(synced, nn.SyncBatchNorm) and not isinstance(plain, nn.SyncBatchNorm)
+    assert type(synced) is SyncBatchNorm and type(plain) is nn.BatchNorm1d
     assert synced.weight is plain.weight and synced.bias is plain.bias and not synced.bias.requires_grad
-    probe = nn.SyncBatchNorm(synced.num_features).train()
-    try:
-        probe(torch.randn(BATCH, synced.num_features))
-        return "SyncBatchNorm"
-    except ValueError as e:
-        model.head.bottleneck = plain
-        return f"BatchNorm (SyncBatchNorm refused: {e})"
+    features = []
+    synced.register_forward_hook(lambda module, args, out: features.append(args[0].detach().clone()))
+    return features
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -80,10 +75,11 @@ def _worker(rank: int, port: int, out: str) -> None:
         for name, kw in MODELS.items():
             torch.manual_seed(rank)  # replicas start different: DDP must broadcast rank 0's weights
             model = reid_ms.build(name, camera_num=CAMERAS, num_classes=CLASSES, **kw)
-            route = _sync_bn_route(model)
+            features = _convert_bnneck(model)
             model.train()
             start = {k: v.detach().clone() for k, v in model.named_parameters()}
-            ddp = DDP(model, find_unused_parameters=False)
+            # no buffer broadcast: equal BNNeck statistics on the ranks can only come from the sync
+            ddp = DDP(model, find_unused_parameters=False, broadcast_buffers=False)
             optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
             gen = torch.Generator().manual_seed(100 + rank)  # every rank its own data
             for _ in range(2):
@@ -95,7 +91,7 @@ def _worker(rank: int, port: int, out: str) -> None:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            torch.save({"route": route, "start": start,
+            torch.save({"route": type(model.head.bottleneck).__name__, "features": features, "start": start,
                         "params": {k: v.detach().clone() for k, v in model.named_parameters()},
                         "buffers": {k: v.clone() for k, v in model.named_buffers()}},
                        os.path.join(out, f"{name}.{rank}.pt"))
@@ -131,15 +127,18 @@ def test_replicas_hold_identical_parameters_after_two_steps(replicas, name, caps
     moved = [k for k in first["params"] if not torch.equal(first["params"][k], first["start"][k])]
     assert len(moved) > len(first["params"]) // 2
     assert "head.classifier.weight" in moved and "head.bottleneck.weight" in moved
-    assert first["route"] == second["route"]
-    if first["route"] == "SyncBatchNorm":
-        for k in first["buffers"]:
-            assert torch.equal(first["buffers"][k], second["buffers"][k]), k
-    else:
-        assert "expected input tensor to be on GPU" in first["route"]
-        assert first["buffers"]["head.bottleneck.num_batches_tracked"] == 2
+    assert first["route"] == second["route"] == "SyncBatchNorm"
+    for k in first["buffers"]:
+        assert torch.equal(first["buffers"][k], second["buffers"][k]), k
+    # the running statistics are those of one BatchNorm fed both ranks' features at each step
+    oracle = nn.BatchNorm1d(first["features"][0].shape[1]).train()
+    for step in range(2):
+        assert not torch.equal(first["features"][step], second["features"][step])  # the ranks saw different data
+        oracle(torch.cat([first["features"][step], second["features"][step]]))
+    for k in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(first["buffers"][f"head.bottleneck.{k}"], getattr(oracle, k), atol=1e-6, rtol=1e-6)
     with capsys.disabled():
-        print(f"\nddp {name}: {WORLD} gloo processes, BNNeck route: {first['route']}")
+        print(f"\nddp {name}: {WORLD} gloo processes, BNNeck: {first['route']}, broadcast_buffers=False")
 
 
 def test_train_ddp_example_runs_under_torchrun(tmp_path):
