@@ -104,6 +104,12 @@ def _worker(rank: int, port: int, out: str) -> None:
         # a group of this process alone: BatchNorm's own statistics (every rank creates every group)
         alone = [dist.new_group([r]) for r in range(WORLD)][rank]
         result["alone"] = reid_ms.convert_sync_batchnorm(_plain("bnneck"), process_group=alone).train()(x)
+        # one value per channel over both processes (1 + 0 rows): refused on every rank, none left waiting
+        try:
+            reid_ms.convert_sync_batchnorm(_plain("bnneck")).train()(x[:1] if rank == 0 else x[:0])
+            result["one_value"] = "no error"
+        except reid_ms.InputError as e:
+            result["one_value"] = str(e)
         # a device PyTorch synchronizes on goes to torch.nn.SyncBatchNorm's forward, which refuses the CPU
         reid_ms.distributed._torch_syncs_on = lambda device_type: True
         try:
@@ -148,11 +154,12 @@ def test_two_processes_equal_one_batchnorm_over_the_global_batch(ranks, name):
     assert ranks[0][name][-1]["num_batches_tracked"] == STEPS
 
 
-def test_eval_alone_and_delegation_in_a_group(ranks):
+def test_eval_alone_delegation_and_refusal_in_a_group(ranks):
     for got in ranks:
         assert torch.equal(got["eval"], got["plain_eval"])
         assert torch.equal(got["alone"], got["plain_train"])
         assert "SyncBatchNorm expected input tensor to be on GPU" in got["delegated"]
+        assert "more than 1 value per channel over all processes, got 1" in got["one_value"]
 
 
 @pytest.mark.parametrize("shape, momentum, affine, track", [

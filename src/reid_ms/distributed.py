@@ -63,9 +63,9 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     count and sum (giving the global mean), then the sum of squared deviations from that global mean.
     This is the two-pass variance of the concatenated batch, free of the cancellation of
     ``E[x^2] - E[x]^2`` when a channel's mean is large against its spread; the second collective costs
-    ``C`` more float64 values. Both all-reduces are differentiable (the backward pass all-reduces too), so it
-    sums the gradients flowing into the statistics from every process: the input gradient
-    is that of one BatchNorm over the global batch of the summed per-process losses. Like PyTorch's,
+    ``C`` more float64 values. Both all-reduces are differentiable (the backward pass all-reduces too),
+    so the gradients flowing into the statistics are summed over the processes: the input gradient is
+    that of one BatchNorm over the global batch for the sum of the per-process losses. Like PyTorch's,
     every process of the group must call the forward the same number of times.
 
     Parameters, buffers and their state-dict keys are BatchNorm's (``weight``, ``bias``,
@@ -130,7 +130,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         centered = x - mean.view(view)
         var = _AllReduceSum.apply(centered.square().sum(dims), group) / total
 
-        if self.training and self.track_running_stats:
+        if self.track_running_stats:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
             with torch.no_grad():  # BatchNorm's update, in float64 as its CPU kernel does
