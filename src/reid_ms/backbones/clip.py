@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from reid_ms.backbones._common import (INFERENCE_CHUNK_TOKENS, Label, check_images, grid_size, pair,
                                       run_in_chunks, side_info_index, side_info_rows)
+from reid_ms.backbones._fast import fast_path_active, fused_block
 from reid_ms.errors import ConfigError
 
 # CLIP's LayerNorm epsilon (PyTorch's default); TransReID's ViT uses 1e-6.
@@ -78,6 +79,8 @@ class ClipTransformer(nn.Module):
         self.width = width
         self.layers = layers
         self.grad_checkpointing = False
+        # CPU fp32 inference through oneDNN's fused linear kernels (same outputs; reid_ms.backbones._fast)
+        self.fused_inference = True
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,6 +88,12 @@ class ClipTransformer(nn.Module):
         if self.grad_checkpointing and torch.is_grad_enabled():
             for block in self.resblocks:
                 x = checkpoint(block, x, use_reentrant=False)
+            return x
+        if fast_path_active(x, self, self.resblocks, self.resblocks[0].attn.in_proj_weight):
+            for block in self.resblocks:
+                attn, mlp = block.attn, block.mlp
+                x = fused_block(x, block.ln_1, (attn.in_proj_weight, attn.in_proj_bias), attn.out_proj,
+                                attn.num_heads, block.ln_2, mlp.c_fc, mlp.c_proj, "quick_gelu")
             return x
         return self.resblocks(x)
 
@@ -188,6 +197,10 @@ class ClipVisual(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""
         self.transformer.grad_checkpointing = enable
+
+    def set_fused_inference(self, enable: bool = True) -> None:
+        """Run CPU fp32 inference through oneDNN's fused linear kernels (on by default; same outputs)."""
+        self.transformer.fused_inference = enable
 
     def no_weight_decay(self) -> set[str]:
         """Additive embeddings, excluded from weight decay like open_clip's position and class embeddings."""

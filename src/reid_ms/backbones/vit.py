@@ -19,6 +19,7 @@ from timm.models.vision_transformer import Block
 
 from reid_ms.backbones._common import (INFERENCE_CHUNK_TOKENS, Label, check_images, grid_size, pair,
                                       run_in_chunks, side_info_index, side_info_rows)
+from reid_ms.backbones._fast import fast_path_active, fused_block
 from reid_ms.errors import ConfigError
 
 
@@ -93,6 +94,8 @@ class VitTrans(nn.Module):
         self.grad_checkpointing = False
         # > 0: inference batches run through the blocks in chunks of about this many tokens (opt-in)
         self.inference_chunk_tokens = INFERENCE_CHUNK_TOKENS
+        # CPU fp32 inference through oneDNN's fused linear kernels (same outputs; reid_ms.backbones._fast)
+        self.fused_inference = True
 
         self.patch_embed = OverlapPatchEmbed(self.img_size, self.patch_size, self.stride_size, in_chans, embed_dim)
         self.grid_size = self.patch_embed.grid_size
@@ -145,6 +148,11 @@ class VitTrans(nn.Module):
         """Recompute each block's activations in the backward pass (training only) to save memory."""
         self.grad_checkpointing = enable
 
+    @torch.jit.ignore
+    def set_fused_inference(self, enable: bool = True) -> None:
+        """Run CPU fp32 inference through oneDNN's fused linear kernels (on by default; same outputs)."""
+        self.fused_inference = enable
+
     def embed(self, images: torch.Tensor, cam_label: Label = None, view_label: Label = None) -> torch.Tensor:
         """Images ``[B, C, img_h, img_w]`` -> tokens before the blocks ``[B, 1 + H*W, D]``, CLS first."""
         check_images(images, self.in_chans, self.img_size, "VitTrans", self.patch_embed.proj.weight.dtype)
@@ -163,6 +171,13 @@ class VitTrans(nn.Module):
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             for block in blocks:
                 x = checkpoint(block, x, use_reentrant=False)
+            return x
+        if len(blocks) and fast_path_active(x, self, blocks, blocks[0].attn.qkv.weight):
+            # eval-mode blocks are exactly this (drop path, dropout and layer scale are identities)
+            for block in blocks:
+                attn, mlp = block.attn, block.mlp
+                x = fused_block(x, block.norm1, (attn.qkv.weight, attn.qkv.bias), attn.proj, attn.num_heads,
+                                block.norm2, mlp.fc1, mlp.fc2, "gelu")
             return x
         return blocks(x)
 
