@@ -1,12 +1,14 @@
-"""The CPU inference fast path (oneDNN fused linear layers): same outputs as the module path, and only
-taken where it is safe (no autograd, eval mode, fp32 CPU, no hooks, no autocast, not while tracing)."""
+"""The CPU inference fast path (oneDNN fused linear layers in the blocks and the dense neck): same outputs
+as the module path, and only taken where it is safe (no autograd, eval mode, fp32 CPU, no hooks, no
+autocast, not while tracing)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from reid_ms import ClipVisual, VitTrans
+from reid_ms import ClipVisual, MultiScaleSlidingWindow, VitTrans
 
 TINY_VIT = dict(img_size=(64, 32), embed_dim=64, depth=2, num_heads=4, camera_num=3, view_num=2)
 TINY_CLIP = dict(img_size=(64, 32), width=64, layers=2, heads=4, output_dim=32, camera_num=3, view_num=2)
@@ -158,3 +160,24 @@ def test_full_size_fused_equals_module_path(kind):
     images = torch.randn(2, 3, 256, 128)
     fused, module_path = _both_paths(model, images)
     torch.testing.assert_close(fused, module_path, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_neck_inference_equals_the_convolution():
+    # the dense windows through oneDNN (inference) against the convolutional definition in float64
+    torch.manual_seed(0)
+    neck = MultiScaleSlidingWindow(16, scales=(2, 3, 8), mode="dense")
+    for p in neck.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    h, w = 5, 4
+    tokens = torch.randn(3, 1 + h * w, 16)
+    with torch.inference_mode():
+        assert FUSED_OP in _ops(lambda: neck(tokens, (h, w)))
+        out = neck(tokens, (h, w))
+    grid = tokens[:, 1:].double().transpose(1, 2).reshape(3, 16, h, w)
+    context = 0
+    for window, s in zip(neck.windows, neck.scales):
+        padded = F.pad(grid, (0, -w % s, 0, -h % s))
+        context = context + F.conv2d(padded, window.weight.double(), window.bias.double(), stride=s).mean((2, 3))
+    expected = tokens[:, 0].double() + context / 3
+    torch.testing.assert_close(out[:, 0].double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, 1:], tokens[:, 1:], atol=0, rtol=0)

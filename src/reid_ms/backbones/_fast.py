@@ -11,6 +11,8 @@ that PyTorch's own compiler (Inductor) emits for CPU linear layers:
 - the residual additions after the attention projection and the MLP are fused into those products
   (``binary`` ``add`` post-op).
 
+The multi-scale neck's dense windows use :func:`linear_onednn` too (``necks/multiscale.py``).
+
 Attention stays ``F.scaled_dot_product_attention`` on strided views of the stacked q/k/v product: on
 CPU its flash kernel takes that layout without a copy, and its output transposed back is contiguous.
 Measured in ``docs/performance.md``; outputs agree with the module path within float rounding
@@ -35,32 +37,40 @@ def _hooked(blocks: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in blocks.modules())
 
 
-def fast_path_active(x: torch.Tensor, module: nn.Module, blocks: nn.Module, weight: torch.Tensor) -> bool:
-    """Whether ``module`` may run ``blocks`` through :func:`fused_block` on ``x``.
+def fused_kernels_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` may go through ``torch.ops.mkldnn._linear_pointwise``.
 
-    Only with ``module.fused_inference`` on, ``module`` in eval mode (dropout and drop path off) and no
-    forward hook on the blocks or their layers (those would silently stop firing), plain fp32 CPU tensors with oneDNN enabled, no autograd graph being recorded (training and
-    gradient-based uses keep the module path), no autocast, and not under ``torch.compile``,
-    ``torch.export``, ONNX export or ``torch.jit`` tracing: those trace the module path, whose graph
-    their own backends fuse. ``weight`` is one of the block weights (its dtype and device decide too).
+    Only plain fp32 CPU tensors with oneDNN enabled, no autograd graph being recorded (training and
+    gradient-based uses keep aten's ops, which have derivatives), no autocast, and not under
+    ``torch.compile``, ``torch.export``, ONNX export or ``torch.jit`` tracing: those trace the module
+    path, whose graph their own backends fuse.
     """
     # tracing checks first: under torch.compile the first one is a constant and nothing else is traced
     return (
         not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
         and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
-        and module.fused_inference and not module.training
         and not torch.is_grad_enabled()
         and type(x) is torch.Tensor  # no FakeTensor / functional / subclass tensors
         and x.device.type == "cpu" and x.dtype == torch.float32 and x.layout == torch.strided
         and type(weight) is nn.Parameter and weight.device.type == "cpu" and weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
         and not torch.is_autocast_enabled("cpu")
-        and not _hooked(blocks)
     )
 
 
-def _linear(x: torch.Tensor, layer: nn.Linear | tuple[torch.Tensor, torch.Tensor | None],
-            residual: torch.Tensor | None = None, activation: str = "none") -> torch.Tensor:
+def fast_path_active(x: torch.Tensor, module: nn.Module, blocks: nn.Module, weight: torch.Tensor) -> bool:
+    """Whether ``module`` may run ``blocks`` through :func:`fused_block` on ``x``.
+
+    With ``module.fused_inference`` on, ``module`` in eval mode (dropout and drop path off), no forward
+    hook on the blocks or their layers (those would silently stop firing) and
+    :func:`fused_kernels_usable`; ``weight`` is one of the block weights (its dtype and device decide too).
+    """
+    return (fused_kernels_usable(x, weight) and module.fused_inference and not module.training
+            and not _hooked(blocks))
+
+
+def linear_onednn(x: torch.Tensor, layer: nn.Linear | tuple[torch.Tensor, torch.Tensor | None],
+                  residual: torch.Tensor | None = None, activation: str = "none") -> torch.Tensor:
     """``activation(x @ W.T + b)`` or ``x @ W.T + b + residual`` as one oneDNN call; ``x`` ``[M, K]``."""
     weight, bias = (layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer
     if residual is not None:
@@ -93,16 +103,16 @@ def fused_block(
     b, t, d = x.shape
     x = x.contiguous().view(b * t, d)
     h = F.layer_norm(x, (d,), norm1.weight, norm1.bias, norm1.eps)
-    q, k, v = _linear(h, qkv).view(b, t, 3, num_heads, d // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = linear_onednn(h, qkv).view(b, t, 3, num_heads, d // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
     # [B, heads, T, head_dim] with stride of the [B, T, heads, head_dim] layout: transposing back is free
     attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * t, d)
-    x = _linear(attn, proj, residual=x)
+    x = linear_onednn(attn, proj, residual=x)
     if activation == "gelu":
-        h = _linear(F.layer_norm(x, (d,), norm2.weight, norm2.bias, norm2.eps), fc1, activation="gelu")
-        x = _linear(h, fc2, residual=x)
+        h = linear_onednn(F.layer_norm(x, (d,), norm2.weight, norm2.bias, norm2.eps), fc1, activation="gelu")
+        x = linear_onednn(h, fc2, residual=x)
     else:
         s = QUICK_GELU_SCALE
         h = F.layer_norm(x, (d,), norm2.weight * s, norm2.bias * s, norm2.eps)
-        h = _linear(h, (fc1.weight, fc1.bias * s), activation="swish")
-        x = x.add(_linear(h, (fc2.weight, fc2.bias * s)), alpha=1 / s)
+        h = linear_onednn(h, (fc1.weight, fc1.bias * s), activation="swish")
+        x = x.add(linear_onednn(h, (fc2.weight, fc2.bias * s)), alpha=1 / s)
     return x.view(b, t, d)
