@@ -254,18 +254,23 @@ def main() -> None:
     cfgs = selected_configs(args) if (args.full or selection_given) else quick_configs()
     logger.info("%d configurations, %d threads, %d rounds each", len(cfgs), args.threads, args.rounds)
 
+    load_before = os.getloadavg()
     results = []
     for cfg in cfgs:
         r = run_group(cfg, args.rounds, args.full)
         results.append(r)
         parts = [f"{n} {m['ms']:.0f} ms {m['peak_share']:.0%}" for n, m in r["models"].items()]
-        logger.info("%s | peak %.0f GFLOP/s | %s", cfg.label, r["peak_gflops"], " | ".join(parts))
+        r["loadavg"] = os.getloadavg()
+        logger.info("%s | peak %.0f GFLOP/s | load %.1f | %s", cfg.label, r["peak_gflops"], r["loadavg"][0],
+                    " | ".join(parts))
 
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
-            "peak_alone_gflops": statistics.median(r["peak_gflops"] for r in results)}
+            "peak_alone_gflops": statistics.median(r["peak_gflops"] for r in results),
+            # other jobs on the machine: 1-, 5-, 15-minute load averages (2 cores) around the run
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     (out / f"{args.out}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     (out / f"{args.out}.md").write_text(markdown(results))
     plot(results, Path(args.plot))
