@@ -336,7 +336,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"model        {args.name} ({' + '.join(parts)}{shared})")
     print(f"input        {backbone.img_size[0]}x{backbone.img_size[1]}, patch {backbone.patch_size[0]}, "
           f"stride {backbone.stride_size[0]}x{backbone.stride_size[1]}"
-          f"{f', one image per modality' if multimodal else ''}")
+          f"{', one image per modality' if multimodal else ''}")
     print(f"grid         {grid[0]} x {grid[1]} = {grid[0] * grid[1]} patches (+1 CLS)")
     if isinstance(model, reid_ms.JPMReIDModel):
         jpm = model.jpm

@@ -14,7 +14,45 @@ from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow
 from reid_ms.weights._common import LoadReport
 
 
-class ReIDModel(nn.Module):
+class BuiltModel(nn.Module):
+    """What every model :func:`~reid_ms.build` returns shares, whatever its structure.
+
+    A backbone with a patch grid (``grid_size``, ``out_dim``), an optional width adapter, an optional
+    neck as wide as the tokens reaching it, and the record of how ``build`` made it: ``model_name``
+    and ``load_report`` (``None`` for a model assembled by hand).
+    """
+
+    def __init__(self, backbone: nn.Module, neck: Optional[MultiScaleSlidingWindow] = None,
+                 adapter: Optional[DimAdapter] = None) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        for attr in ("grid_size", "out_dim"):
+            if not hasattr(backbone, attr):
+                raise ConfigError(f"{owner} needs a backbone with a {attr!r} attribute (like reid_ms.VitTrans "
+                                  f"and reid_ms.ClipVisual); {type(backbone).__name__} has none")
+        width = backbone.out_dim
+        if adapter is not None:
+            if adapter.in_dim != width:
+                raise ConfigError(f"the adapter takes {adapter.in_dim}-wide tokens but the backbone returns "
+                                  f"{width}-wide ones; build DimAdapter(in_dim={width}, ...)")
+            width = adapter.out_dim
+        if neck is not None and neck.feat_dim != width:
+            raise ConfigError(f"the neck is {neck.feat_dim} wide but the tokens reaching it are {width} wide; "
+                              f"build MultiScaleSlidingWindow(feat_dim={width}, ...)")
+        self.backbone = backbone
+        self.adapter = adapter
+        self.neck = neck
+        self.token_dim = width
+        self.model_name: Optional[str] = None
+        self.load_report: Optional[LoadReport] = None
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """The backbone's patch grid ``(H, W)``."""
+        return tuple(self.backbone.grid_size)
+
+
+class ReIDModel(BuiltModel):
     """Backbone, optional width adapter, optional neck and a BNNeck head, called like the backbone.
 
     ``forward(images, cam_label=None, view_label=None)``: the backbone returns every token
@@ -43,36 +81,14 @@ class ReIDModel(nn.Module):
         head: Optional[BNNeckHead] = None,
         adapter: Optional[DimAdapter] = None,
     ) -> None:
-        super().__init__()
-        for attr in ("grid_size", "out_dim"):
-            if not hasattr(backbone, attr):
-                raise ConfigError(f"ReIDModel needs a backbone with a {attr!r} attribute (like reid_ms.VitTrans "
-                                  f"and reid_ms.ClipVisual); {type(backbone).__name__} has none")
-        width = backbone.out_dim
-        if adapter is not None:
-            if adapter.in_dim != width:
-                raise ConfigError(f"the adapter takes {adapter.in_dim}-wide tokens but the backbone returns "
-                                  f"{width}-wide ones; build DimAdapter(in_dim={width}, ...)")
-            width = adapter.out_dim
-        if neck is not None and neck.feat_dim != width:
-            raise ConfigError(f"the neck is {neck.feat_dim} wide but the tokens reaching it are {width} wide; "
-                              f"build MultiScaleSlidingWindow(feat_dim={width}, ...)")
+        super().__init__(backbone, neck, adapter)
+        width = self.token_dim
         head = BNNeckHead(width) if head is None else head
         if head.feat_dim != width:
             raise ConfigError(f"the head is {head.feat_dim} wide but the features reaching it are {width} wide; "
                               f"build BNNeckHead(feat_dim={width}, ...)")
-        self.backbone = backbone
-        self.adapter = adapter
-        self.neck = neck
         self.head = head
         self.feat_dim = width
-        self.model_name: Optional[str] = None
-        self.load_report: Optional[LoadReport] = None
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        """The backbone's patch grid ``(H, W)``."""
-        return tuple(self.backbone.grid_size)
 
     def forward_tokens(self, images: torch.Tensor, cam_label: Label = None, view_label: Label = None) -> torch.Tensor:
         """Images ``[B, C, img_h, img_w]`` -> the neck-enhanced tokens ``[B, 1 + H*W, feat_dim]``."""

@@ -2,3 +2,5 @@
 
 from reid_ms.backbones.vit import VitTrans
 from reid_ms.backbones.clip import ClipVisual
+
+__all__ = ["VitTrans", "ClipVisual"]

@@ -11,12 +11,12 @@ from reid_ms.backbones._common import Label
 from reid_ms.backbones.vit import VitTrans
 from reid_ms.errors import ConfigError
 from reid_ms.heads.multibranch import MultiBranchBNNeckHead
+from reid_ms.model import BuiltModel
 from reid_ms.necks.jpm import JigsawPatchNeck
 from reid_ms.necks.multiscale import MultiScaleSlidingWindow
-from reid_ms.weights._common import LoadReport
 
 
-class JPMReIDModel(nn.Module):
+class JPMReIDModel(BuiltModel):
     """TransReID with its Jigsaw Patch Module, called like :class:`~reid_ms.ReIDModel`.
 
     The backbone's last block and final norm move into the JPM (``self.jpm``, two copies: ``b1``, ``b2``)
@@ -49,17 +49,14 @@ class JPMReIDModel(nn.Module):
     def __init__(self, backbone: VitTrans, neck: Optional[MultiScaleSlidingWindow] = None, num_classes: int = 0,
                  neck_feat: str = "before", shift_num: int = 5, shuffle_groups: int = 2, divide_length: int = 4,
                  rearrange: bool = True) -> None:
-        super().__init__()
         if not isinstance(backbone, VitTrans):
             raise ConfigError(f"JPMReIDModel needs a reid_ms.VitTrans backbone (its blocks are split), got "
                               f"{type(backbone).__name__}")
         if not isinstance(backbone.norm, nn.LayerNorm) or len(backbone.blocks) < 1:
             raise ConfigError("JPMReIDModel needs a complete VitTrans (blocks and final norm); this one was "
                               "already split by another JPMReIDModel: build a new backbone")
-        width = backbone.out_dim
-        if neck is not None and neck.feat_dim != width:
-            raise ConfigError(f"the neck is {neck.feat_dim} wide but the backbone returns {width}-wide tokens; "
-                              f"build MultiScaleSlidingWindow(feat_dim={width}, ...)")
+        super().__init__(backbone, neck)
+        width = self.token_dim
         jpm = JigsawPatchNeck(backbone.blocks[-1], backbone.norm, shift_num=shift_num,
                               shuffle_groups=shuffle_groups, divide_length=divide_length, rearrange=rearrange)
         problem = jpm.patch_count_problem(backbone.num_patches)
@@ -68,20 +65,10 @@ class JPMReIDModel(nn.Module):
             raise ConfigError(f"JPMReIDModel: the backbone's {h}x{w} grid: {problem}")
         backbone.blocks = backbone.blocks[:-1]
         backbone.norm = nn.Identity()
-        self.backbone = backbone
         self.jpm = jpm
-        self.adapter: Optional[nn.Module] = None  # no width adapter (read like ReIDModel.adapter)
-        self.neck = neck
         self.head = MultiBranchBNNeckHead(width, 1 + divide_length, num_classes=num_classes, neck_feat=neck_feat,
                                           local_scale=1.0 / divide_length)
         self.feat_dim = self.head.feat_dim
-        self.model_name: Optional[str] = None
-        self.load_report: Optional[LoadReport] = None
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        """The backbone's patch grid ``(H, W)``."""
-        return tuple(self.backbone.grid_size)
 
     def forward_features(self, images: torch.Tensor, cam_label: Label = None,
                          view_label: Label = None) -> torch.Tensor:

@@ -14,6 +14,7 @@ from reid_ms.backbones.clip import ClipVisual
 from reid_ms.backbones.vit import VitTrans
 from reid_ms.errors import ConfigError, InputError
 from reid_ms.heads import BNNeckHead
+from reid_ms.model import BuiltModel
 from reid_ms.necks.multiscale import MultiScaleSlidingWindow
 from reid_ms.weights import load_clip_weights, load_vit_weights
 from reid_ms.weights._common import LoadReport
@@ -34,7 +35,7 @@ def _repeat_label(label: Label, batch: int, times: int, name: str) -> Label:
     return label  # None, an int or a 0-d tensor: the same for every image; the backbone checks the rest
 
 
-class MultiModalReIDModel(nn.Module):
+class MultiModalReIDModel(BuiltModel):
     """One backbone shared by the modalities, the neck per modality, concatenation fusion, one BNNeck.
 
     ``forward({"rgb": x, "nir": y, "tir": z}, cam_label=None, view_label=None)``: each modality's images
@@ -66,35 +67,18 @@ class MultiModalReIDModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, neck: Optional[MultiScaleSlidingWindow] = None, num_classes: int = 0,
                  neck_feat: str = "before", modalities: Sequence[str] = MODALITIES, missing: str = "error") -> None:
-        super().__init__()
-        for attr in ("grid_size", "out_dim"):
-            if not hasattr(backbone, attr):
-                raise ConfigError(f"MultiModalReIDModel needs a backbone with a {attr!r} attribute (like "
-                                  f"reid_ms.VitTrans and reid_ms.ClipVisual); {type(backbone).__name__} has none")
         if (isinstance(modalities, str) or not isinstance(modalities, Sequence) or not modalities
                 or not all(isinstance(m, str) and m for m in modalities) or len(set(modalities)) != len(modalities)):
             raise ConfigError(f"modalities must be distinct non-empty names, e.g. {MODALITIES}, got {modalities!r}")
         if missing not in MISSING:
             raise ConfigError(f"missing must be one of {MISSING}, got {missing!r}")
-        width = backbone.out_dim
-        if neck is not None and neck.feat_dim != width:
-            raise ConfigError(f"the neck is {neck.feat_dim} wide but the backbone returns {width}-wide tokens; "
-                              f"build MultiScaleSlidingWindow(feat_dim={width}, ...)")
-        self.backbone = backbone
-        self.adapter: Optional[nn.Module] = None  # no width adapter (read like ReIDModel.adapter)
-        self.neck = neck
+        super().__init__(backbone, neck)
+        width = self.token_dim
         self.modalities = tuple(modalities)
         self.missing = missing
         self.modality_dim = width
         self.head = BNNeckHead(len(self.modalities) * width, num_classes=num_classes, neck_feat=neck_feat)
         self.feat_dim = self.head.feat_dim
-        self.model_name: Optional[str] = None
-        self.load_report: Optional[LoadReport] = None
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        """The backbone's patch grid ``(H, W)``."""
-        return tuple(self.backbone.grid_size)
 
     def _present(self, inputs: Mapping[str, torch.Tensor]) -> tuple[list[str], int]:
         if not isinstance(inputs, Mapping):

@@ -2,3 +2,5 @@
 
 from reid_ms.weights.vit import load_vit_weights, vit_checkpoint_filter
 from reid_ms.weights.clip import clip_checkpoint_filter, load_clip_weights
+
+__all__ = ["load_vit_weights", "vit_checkpoint_filter", "load_clip_weights", "clip_checkpoint_filter"]
