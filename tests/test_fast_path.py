@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import reid_ms.backbones._fast as fast
 from reid_ms import ClipVisual, MultiScaleSlidingWindow, VitTrans
 
 TINY_VIT = dict(img_size=(64, 32), embed_dim=64, depth=2, num_heads=4, camera_num=3, view_num=2)
@@ -95,6 +96,24 @@ def test_fused_path_runs_in_inference_only(kind):
 
 
 @pytest.mark.parametrize("kind", ["vit", "clip"])
+@pytest.mark.parametrize(("max_tokens", "explicit"), [(9, True), (8, False)])
+def test_attention_either_side_of_the_token_threshold(kind, max_tokens, explicit, monkeypatch):
+    # 9 tokens (64x32, stride 16): explicit image-by-image attention up to the threshold, SDPA above it
+    monkeypatch.setattr(fast, "EXPLICIT_ATTENTION_MAX_TOKENS", max_tokens)
+    model = _build(kind)
+    images = torch.randn(5, 3, 64, 32) * 2
+    with torch.inference_mode():
+        ops = _ops(lambda: model(images, **_labels(5)))
+    assert ("aten::baddbmm" in ops) is explicit
+    assert any("scaled_dot_product" in op for op in ops) is not explicit
+    fused, module_path = _both_paths(model, images, **_labels(5))
+    torch.testing.assert_close(fused, module_path, atol=1e-5, rtol=1e-5)
+    # every image attends over its own tokens only: permuting the batch permutes the outputs
+    flipped, _ = _both_paths(model, images.flip(0), **{k: v.flip(0) for k, v in _labels(5).items()})
+    torch.testing.assert_close(flipped, fused.flip(0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["vit", "clip"])
 def test_forward_hooks_on_blocks_keep_firing(kind):
     model = _build(kind)
     images = torch.randn(2, 3, 64, 32)
@@ -154,9 +173,10 @@ def test_traced_graphs_hold_no_fused_ops(kind):
 
 @pytest.mark.full
 @pytest.mark.parametrize("kind", ["vit", "clip"])
-def test_full_size_fused_equals_module_path(kind):
+@pytest.mark.parametrize("stride", [16, 12])  # 129 tokens: explicit attention; 211: SDPA
+def test_full_size_fused_equals_module_path(kind, stride):
     torch.manual_seed(0)
-    model = (VitTrans(stride_size=12) if kind == "vit" else ClipVisual(stride_size=12)).eval()
+    model = (VitTrans(stride_size=stride) if kind == "vit" else ClipVisual(stride_size=stride)).eval()
     images = torch.randn(2, 3, 256, 128)
     fused, module_path = _both_paths(model, images)
     torch.testing.assert_close(fused, module_path, atol=1e-5, rtol=1e-5)

@@ -153,8 +153,9 @@ def test_forward_blocks_can_stop_before_the_last_block():
         x = model.embed(images)
         partial_run = model.forward_blocks(x, end=-1)
         by_hand = model.blocks[1](model.blocks[0](x))
-        torch.testing.assert_close(partial_run, by_hand, atol=0, rtol=0)
-        torch.testing.assert_close(model.norm(model.blocks[2](partial_run)), model(images), atol=0, rtol=0)
+        # forward_blocks takes the fused CPU path, the blocks called by hand the module path: float rounding
+        torch.testing.assert_close(partial_run, by_hand, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.norm(model.blocks[2](partial_run)), model(images), atol=1e-5, rtol=1e-5)
 
 
 def test_fused_attention_even_when_timm_default_is_off():
@@ -235,8 +236,9 @@ def test_compile_fullgraph_without_graph_breaks():
     images, cams, views = torch.randn(2, 3, 64, 32), torch.tensor([2, 0]), torch.tensor([1, 1])
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():
+        # the trace holds the module path, eager runs the fused CPU path: equal up to float rounding
         torch.testing.assert_close(compiled(images, cam_label=cams, view_label=views),
-                                   model(images, cam_label=cams, view_label=views), atol=0, rtol=0)
+                                   model(images, cam_label=cams, view_label=views), atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
 
 
