@@ -1,8 +1,12 @@
-"""The CPU inference fast path (oneDNN fused linear layers in the blocks and the dense neck): same outputs
-as the module path, and only taken where it is safe (no autograd, eval mode, fp32 CPU, no hooks, no
-autocast, not while tracing)."""
+"""The CPU inference fast path (packed-weight MKL products, or oneDNN fused ones, in the blocks; oneDNN in
+the dense neck): same outputs as the module path, only taken where it is safe (no autograd, eval mode,
+fp32 CPU, no hooks, no autocast, not while tracing), and never working from stale packed weights."""
 
 from __future__ import annotations
+
+import copy
+import io
+import pickle
 
 import pytest
 import torch
@@ -13,7 +17,18 @@ from reid_ms import ClipVisual, MultiScaleSlidingWindow, VitTrans
 
 TINY_VIT = dict(img_size=(64, 32), embed_dim=64, depth=2, num_heads=4, camera_num=3, view_num=2)
 TINY_CLIP = dict(img_size=(64, 32), width=64, layers=2, heads=4, output_dim=32, camera_num=3, view_num=2)
-FUSED_OP = "mkldnn::_linear_pointwise"
+FUSED_OP = "mkldnn::_linear_pointwise"  # oneDNN's product with a fused epilogue
+PACKED_OP = "mkl::_mkl_linear"  # MKL's product with a packed weight
+FAST_OPS = {FUSED_OP, PACKED_OP}
+
+
+@pytest.fixture(params=["mkl", "onednn"])
+def kernels(request, monkeypatch) -> str:
+    """Run the test with each of the fused path's two kernel sets; returns the op the blocks should use."""
+    if request.param == "mkl" and not fast.mkl_packing_available():
+        pytest.skip("this PyTorch build has no MKL packed kernels (non-x86)")
+    monkeypatch.setattr(fast, "USE_MKL_PACKING", request.param == "mkl")
+    return PACKED_OP if request.param == "mkl" else FUSED_OP
 
 
 def _build(kind: str, **overrides) -> torch.nn.Module:
@@ -40,17 +55,18 @@ def _ops(fn) -> set[str]:
 
 
 def _both_paths(model: torch.nn.Module, images: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused path's output (from whatever packed copies the model holds), then the module path's."""
     with torch.inference_mode():
+        fused = model(images, **kw)
         model.set_fused_inference(False)
         module_path = model(images, **kw)
         model.set_fused_inference(True)
-        fused = model(images, **kw)
     return fused, module_path
 
 
 @pytest.mark.parametrize("kind", ["vit", "clip"])
 @pytest.mark.parametrize("stride", [16, 12])
-def test_fused_equals_module_path(kind, stride):
+def test_fused_equals_module_path(kind, stride, kernels):
     # the module path is timm's Block (ViT) and the QuickGELU block (CLIP): they are the oracle
     model = _build(kind, stride_size=stride)
     images = torch.randn(3, 3, 64, 32) * 2
@@ -59,8 +75,8 @@ def test_fused_equals_module_path(kind, stride):
     assert not torch.equal(fused, _both_paths(model, images.flip(0), **_labels(3))[0])
 
 
-def test_fused_clip_unprojected_and_large_activations():
-    # QuickGELU through oneDNN's swish on 1.702-scaled inputs: also where sigmoid saturates either way
+def test_fused_clip_unprojected_and_large_activations(kernels):
+    # QuickGELU as swish on 1.702-scaled inputs: also where sigmoid saturates either way
     model = _build("clip")
     with torch.no_grad():
         for block in model.transformer.resblocks:
@@ -72,32 +88,36 @@ def test_fused_clip_unprojected_and_large_activations():
 
 
 @pytest.mark.parametrize("kind", ["vit", "clip"])
-def test_fused_path_runs_in_inference_only(kind):
+def test_fused_path_runs_in_inference_only(kind, kernels):
     model = _build(kind)
     images = torch.randn(2, 3, 64, 32)
     labels = _labels(2)
+
+    def fast_ops() -> set[str]:
+        return _ops(lambda: model(images, **labels)) & FAST_OPS
+
     with torch.inference_mode():
-        assert FUSED_OP in _ops(lambda: model(images, **labels))
+        assert fast_ops() == {kernels}
     with torch.no_grad():
-        assert FUSED_OP in _ops(lambda: model(images, **labels))
+        assert fast_ops() == {kernels}
         model.set_fused_inference(False)
-        assert FUSED_OP not in _ops(lambda: model(images, **labels))
+        assert not fast_ops()
         model.set_fused_inference(True)
         model.train()  # dropout / drop path must act: the module path
-        assert FUSED_OP not in _ops(lambda: model(images, **labels))
+        assert not fast_ops()
         model.eval()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert FUSED_OP not in _ops(lambda: model(images, **labels))
+            assert not fast_ops()
     # autograd on (a training step, or gradients w.r.t. the input for attribution): module path
-    assert FUSED_OP not in _ops(lambda: model(images, **labels))
+    assert not fast_ops()
     model.double()
     with torch.inference_mode():
-        assert FUSED_OP not in _ops(lambda: model(images.double(), **labels))
+        assert not _ops(lambda: model(images.double(), **labels)) & FAST_OPS
 
 
 @pytest.mark.parametrize("kind", ["vit", "clip"])
 @pytest.mark.parametrize(("max_tokens", "explicit"), [(9, True), (8, False)])
-def test_attention_either_side_of_the_token_threshold(kind, max_tokens, explicit, monkeypatch):
+def test_attention_either_side_of_the_token_threshold(kind, max_tokens, explicit, monkeypatch, kernels):
     # 9 tokens (64x32, stride 16): explicit image-by-image attention up to the threshold, SDPA above it
     monkeypatch.setattr(fast, "EXPLICIT_ATTENTION_MAX_TOKENS", max_tokens)
     model = _build(kind)
@@ -128,21 +148,121 @@ def test_forward_hooks_on_blocks_keep_firing(kind):
         torch.testing.assert_close(model(images, **_labels(2)), hooked, atol=1e-5, rtol=1e-5)
 
 
+def _packs(model: torch.nn.Module) -> fast.PackedWeights:
+    return model.packed_weights if isinstance(model, VitTrans) else model.transformer.packed_weights
+
+
+def _block_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p for name, p in model.named_parameters() if p.dim() == 2 and ("blocks" in name)]
+
+
 @pytest.mark.parametrize("kind", ["vit", "clip"])
-def test_new_weights_are_used_without_stale_copies(kind):
-    # no prepacked weight cache: a load or an in-place update after a fused call takes effect at once
+@pytest.mark.parametrize("update", ["load_state_dict", "optimizer", "no_grad_mul", "data_assignment", "to"])
+def test_new_weights_are_used_not_stale_packed_copies(kind, update, kernels):
+    # a weight changed after an inference call takes effect in the next one, however it was changed
     model = _build(kind)
-    images = torch.randn(2, 3, 64, 32)
+    images = torch.randn(2, 3, 64, 32) * 2
     with torch.inference_mode():
         before = model(images, **_labels(2))
+    if kernels == PACKED_OP:
+        assert len(_packs(model)) == 4 * 2  # qkv, proj, fc1, fc2 in 2 blocks
     other = _build(kind)
     with torch.no_grad():
         for p in other.parameters():
             p.mul_(1.5)
-    model.load_state_dict(other.state_dict())
+    if update == "load_state_dict":
+        model.load_state_dict(other.state_dict())
+    elif update == "optimizer":  # an in-place step in train mode, back to eval without calling train()
+        opt = torch.optim.SGD(model.parameters(), lr=10.0)
+        model(images, **_labels(2)).square().mean().backward()
+        opt.step()
+    elif update == "no_grad_mul":
+        with torch.no_grad():
+            for w in _block_weights(model):
+                w.mul_(1.5)
+    elif update == "data_assignment":  # new storage: a different data pointer
+        for w in _block_weights(model):
+            w.data = w.data * 1.5
+    else:
+        model.double().float()
     fused, module_path = _both_paths(model, images, **_labels(2))
     torch.testing.assert_close(fused, module_path, atol=1e-5, rtol=1e-5)
-    assert (fused - before).abs().max() > 1e-2
+    if update != "to":
+        assert (fused - before).abs().max() > 1e-2
+
+
+@pytest.mark.skipif(not fast.mkl_packing_available(), reason="packed copies exist only with MKL's kernels")
+@pytest.mark.parametrize("kind", ["vit", "clip"])
+def test_packed_copies_are_freed_and_never_saved(kind):
+    model = _build(kind, camera_num=0, view_num=0)
+    images = torch.randn(2, 3, 64, 32)
+
+    def fill() -> None:
+        with torch.inference_mode():
+            model(images)
+        assert len(_packs(model)) == 8
+
+    fill()
+    keys = set(model.state_dict())
+    for duplicate in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert len(_packs(duplicate)) == 0
+        with torch.inference_mode():  # and the duplicate's cache works on its own weights
+            torch.testing.assert_close(duplicate(images), model(images), atol=0, rtol=0)
+        assert len(_packs(duplicate)) == 8
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    assert len(_packs(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False))) == 0
+    assert set(model.state_dict()) == keys  # not in the state dict either
+    model.train()
+    assert len(_packs(model)) == 0
+    model.eval()
+    fill()
+    model.set_fused_inference(True)  # the documented way to drop copies after a write through .data
+    assert len(_packs(model)) == 0
+    fill()
+    model.set_fused_inference(False)
+    assert len(_packs(model)) == 0
+    with torch.inference_mode():
+        model(images)
+    assert len(_packs(model)) == 0
+
+
+@pytest.mark.parametrize("kind", ["vit", "clip"])
+def test_large_batches_run_in_chunks_of_whole_images(kind, kernels, monkeypatch):
+    # 9 tokens per image, at most 20 rows a chunk: 11 images, ceil(99 / 20) = 5 chunks wanted, so
+    # ceil(11 / 5) = 3 images a chunk: 3, 3, 3, 2, each through both blocks before the next chunk starts
+    monkeypatch.setattr(fast, "CHUNK_ROWS", 20)
+    model = _build(kind)
+    images = torch.randn(11, 3, 64, 32) * 2
+    labels = _labels(11)
+    calls = []
+    original = fast.attention
+    monkeypatch.setattr(fast, "attention", lambda q, k, v: calls.append(q.shape[0]) or original(q, k, v))
+    fused, module_path = _both_paths(model, images, **labels)
+    assert calls == [3, 3, 3, 3, 3, 3, 2, 2]
+    torch.testing.assert_close(fused, module_path, atol=1e-5, rtol=1e-5)
+    if kernels == PACKED_OP:
+        assert _packs(model).rows == 3 * 9  # full chunks keep their packed copies; the last one packs aside
+    # each image's features do not depend on the chunk it ran in
+    with torch.inference_mode():
+        alone = model(images[-1:], cam_label=labels["cam_label"][-1:], view_label=labels["view_label"][-1:])
+    torch.testing.assert_close(alone, fused[-1:], atol=1e-5, rtol=1e-5)
+
+
+def test_weights_made_in_inference_mode_pack_every_call(kernels):
+    # inference tensors have no version counter: nothing is cached, the results stay right
+    with torch.inference_mode():
+        model = _build("vit", camera_num=0, view_num=0)
+        images = torch.randn(2, 3, 64, 32)
+        first = model(images)
+        for w in _block_weights(model):
+            w.mul_(2.0)
+        second = model(images)
+    assert len(_packs(model)) == 0
+    model.set_fused_inference(False)
+    with torch.inference_mode():
+        torch.testing.assert_close(second, model(images), atol=1e-5, rtol=1e-5)
+    assert (second - first).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("kind", ["vit", "clip"])
@@ -156,8 +276,8 @@ def test_traced_graphs_hold_no_fused_ops(kind):
         traced = torch.jit.trace(_build(kind, camera_num=0, view_num=0), images, check_trace=False)
         reference = model(images, **labels)
         torch.testing.assert_close(exported.module()(images, **labels), reference, atol=1e-5, rtol=1e-5)
-    assert "mkldnn._linear_pointwise" not in str(exported.graph)
-    assert "_linear_pointwise" not in str(traced.inlined_graph)
+    for graph in (str(exported.graph), str(traced.inlined_graph)):
+        assert "_linear_pointwise" not in graph and "_mkl_linear" not in graph
     torch._dynamo.reset()
     graphs = []
 
@@ -168,7 +288,7 @@ def test_traced_graphs_hold_no_fused_ops(kind):
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     with torch.inference_mode():
         torch.testing.assert_close(compiled(images, **labels), reference, atol=1e-5, rtol=1e-5)
-    assert graphs and not any("_linear_pointwise" in g for g in graphs)
+    assert graphs and not any("_linear_pointwise" in g or "_mkl_linear" in g for g in graphs)
 
 
 @pytest.mark.full

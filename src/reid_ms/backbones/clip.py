@@ -18,7 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 from reid_ms.backbones._common import (INFERENCE_CHUNK_TOKENS, Label, check_images, grid_size, pair,
                                       run_in_chunks, side_info_index, side_info_rows)
-from reid_ms.backbones._fast import fast_path_active, fused_block
+from reid_ms.backbones import _fast
+from reid_ms.backbones._fast import PackedWeights, fast_path_active, fused_block, run_chunked
 from reid_ms.errors import ConfigError
 
 # CLIP's LayerNorm epsilon (PyTorch's default); TransReID's ViT uses 1e-6.
@@ -79,8 +80,9 @@ class ClipTransformer(nn.Module):
         self.width = width
         self.layers = layers
         self.grad_checkpointing = False
-        # CPU fp32 inference through oneDNN's fused linear kernels (same outputs; reid_ms.backbones._fast)
+        # CPU fp32 inference through packed-weight kernels (same outputs; reid_ms.backbones._fast)
         self.fused_inference = True
+        self.packed_weights = PackedWeights()
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,12 +92,21 @@ class ClipTransformer(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             return x
         if fast_path_active(x, self, self.resblocks, self.resblocks[0].attn.in_proj_weight):
-            for block in self.resblocks:
-                attn, mlp = block.attn, block.mlp
-                x = fused_block(x, block.ln_1, (attn.in_proj_weight, attn.in_proj_bias), attn.out_proj,
-                                attn.num_heads, block.ln_2, mlp.c_fc, mlp.c_proj, "quick_gelu")
-            return x
+            packs = self.packed_weights if _fast.USE_MKL_PACKING else None
+
+            def run(t: torch.Tensor) -> torch.Tensor:
+                for block in self.resblocks:
+                    attn, mlp = block.attn, block.mlp
+                    t = fused_block(t, block.ln_1, (attn.in_proj_weight, attn.in_proj_bias), attn.out_proj,
+                                    attn.num_heads, block.ln_2, mlp.c_fc, mlp.c_proj, "quick_gelu", packs)
+                return t
+            return run_chunked(x, packs, run)
         return self.resblocks(x)
+
+    def train(self, mode: bool = True) -> ClipTransformer:
+        if mode:
+            self.packed_weights.clear()
+        return super().train(mode)
 
 
 class ClipVisual(nn.Module):
@@ -199,8 +210,13 @@ class ClipVisual(nn.Module):
         self.transformer.grad_checkpointing = enable
 
     def set_fused_inference(self, enable: bool = True) -> None:
-        """Run CPU fp32 inference through oneDNN's fused linear kernels (on by default; same outputs)."""
+        """Run CPU fp32 inference through packed-weight kernels (on by default; same outputs).
+
+        The packed copies of the block weights (about the weights' size) are freed either way; with
+        ``enable`` they are rebuilt on the next inference call.
+        """
         self.transformer.fused_inference = enable
+        self.transformer.packed_weights.clear()
 
     def no_weight_decay(self) -> set[str]:
         """Additive embeddings, excluded from weight decay like open_clip's position and class embeddings."""

@@ -19,7 +19,8 @@ from timm.models.vision_transformer import Block
 
 from reid_ms.backbones._common import (INFERENCE_CHUNK_TOKENS, Label, check_images, grid_size, pair,
                                       run_in_chunks, side_info_index, side_info_rows)
-from reid_ms.backbones._fast import fast_path_active, fused_block
+from reid_ms.backbones import _fast
+from reid_ms.backbones._fast import PackedWeights, fast_path_active, fused_block, run_chunked
 from reid_ms.errors import ConfigError
 
 
@@ -94,8 +95,9 @@ class VitTrans(nn.Module):
         self.grad_checkpointing = False
         # > 0: inference batches run through the blocks in chunks of about this many tokens (opt-in)
         self.inference_chunk_tokens = INFERENCE_CHUNK_TOKENS
-        # CPU fp32 inference through oneDNN's fused linear kernels (same outputs; reid_ms.backbones._fast)
+        # CPU fp32 inference through packed-weight kernels (same outputs; reid_ms.backbones._fast)
         self.fused_inference = True
+        self.packed_weights = PackedWeights()
 
         self.patch_embed = OverlapPatchEmbed(self.img_size, self.patch_size, self.stride_size, in_chans, embed_dim)
         self.grid_size = self.patch_embed.grid_size
@@ -150,8 +152,18 @@ class VitTrans(nn.Module):
 
     @torch.jit.ignore
     def set_fused_inference(self, enable: bool = True) -> None:
-        """Run CPU fp32 inference through oneDNN's fused linear kernels (on by default; same outputs)."""
+        """Run CPU fp32 inference through packed-weight kernels (on by default; same outputs).
+
+        The packed copies of the block weights (about the weights' size) are freed either way; with
+        ``enable`` they are rebuilt on the next inference call.
+        """
         self.fused_inference = enable
+        self.packed_weights.clear()
+
+    def train(self, mode: bool = True) -> VitTrans:
+        if mode:
+            self.packed_weights.clear()
+        return super().train(mode)
 
     def embed(self, images: torch.Tensor, cam_label: Label = None, view_label: Label = None) -> torch.Tensor:
         """Images ``[B, C, img_h, img_w]`` -> tokens before the blocks ``[B, 1 + H*W, D]``, CLS first."""
@@ -174,11 +186,15 @@ class VitTrans(nn.Module):
             return x
         if len(blocks) and fast_path_active(x, self, blocks, blocks[0].attn.qkv.weight):
             # eval-mode blocks are exactly this (drop path, dropout and layer scale are identities)
-            for block in blocks:
-                attn, mlp = block.attn, block.mlp
-                x = fused_block(x, block.norm1, (attn.qkv.weight, attn.qkv.bias), attn.proj, attn.num_heads,
-                                block.norm2, mlp.fc1, mlp.fc2, "gelu")
-            return x
+            packs = self.packed_weights if _fast.USE_MKL_PACKING else None
+
+            def run(t: torch.Tensor) -> torch.Tensor:
+                for block in blocks:
+                    attn, mlp = block.attn, block.mlp
+                    t = fused_block(t, block.norm1, (attn.qkv.weight, attn.qkv.bias), attn.proj, attn.num_heads,
+                                    block.norm2, mlp.fc1, mlp.fc2, "gelu", packs)
+                return t
+            return run_chunked(x, packs, run)
         return blocks(x)
 
     def forward_features(self, images: torch.Tensor, cam_label: Label = None,
