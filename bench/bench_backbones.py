@@ -151,8 +151,15 @@ def run_group(cfg: Config, rounds: int, full: bool) -> dict:
     a, b = torch.randn(PEAK_N, PEAK_N), torch.randn(PEAK_N, PEAK_N)
     fns["peak"] = lambda: [torch.mm(a, b) for _ in range(3)]
     start = time.perf_counter()
-    # compiled graphs need their first calls to compile; eager ones one warm-up call to settle the allocator
-    times = interleaved(fns, rounds, warmup=2 if cfg.compiled else 1)
+    # Compiled inference freezes the weights (Inductor's CPU inference setting: constant folding and
+    # packed weights, as PyTorch's CPU inference guide advises); training cannot freeze them.
+    import torch._inductor.config as inductor_config
+
+    freeze = inductor_config.patch(freezing=True) if cfg.compiled and cfg.pass_ == "forward" \
+        else contextlib.nullcontext()
+    with freeze:
+        # compiled graphs need their first calls to compile; eager ones one warm-up call to settle the allocator
+        times = interleaved(fns, rounds, warmup=2 if cfg.compiled else 1)
     peak = 3 * 2 * PEAK_N**3 / times.pop("peak") / 1e9
     factor = 3 if cfg.pass_ == "train" else 1  # backward costs two forwards' FLOPs
     result = {"config": asdict(cfg) | {"label": cfg.label}, "peak_gflops": peak, "rounds": rounds,

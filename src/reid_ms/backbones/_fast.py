@@ -13,7 +13,7 @@ inference on CPU (eval mode, no autograd, fp32) this module runs it with its own
 - **Large batches in chunks**: beyond :data:`CHUNK_ROWS` tokens, the batch runs through all blocks a
   few images at a time (the packed products fall to 84-90 % of the peak at 4000+ rows).
 - **Without MKL** (ARM builds), ``torch.ops.mkldnn._linear_pointwise`` with the bias, GELU/swish or
-  residual fused into oneDNN's product, as before.
+  residual fused into oneDNN's product.
 
 The packed copies take about as much memory as the block weights (340 MB for ViT-B/16). They are
 rebuilt when a weight's storage or version counter changes (``load_state_dict``, optimiser steps, any
