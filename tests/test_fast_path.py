@@ -227,6 +227,25 @@ def test_packed_copies_are_freed_and_never_saved(kind):
     assert len(_packs(model)) == 0
 
 
+@pytest.mark.skipif(not fast.mkl_packing_available(), reason="packed copies exist only with MKL's kernels")
+def test_copies_of_replaced_layers_are_dropped():
+    # replaced layers' weights die; their packed copies go at the next packing, not at train() only
+    model = _build("vit", camera_num=0, view_num=0)
+    images = torch.randn(2, 3, 64, 32)
+    with torch.inference_mode():
+        model(images)
+    assert len(_packs(model)) == 8
+    block = model.blocks[1]
+    block.mlp.fc1 = torch.nn.Linear(64, 256)
+    block.mlp.fc2 = torch.nn.Linear(256, 64)
+    with torch.inference_mode():
+        fused = model(images)
+    assert len(_packs(model)) == 8
+    model.set_fused_inference(False)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused, model(images), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["vit", "clip"])
 def test_large_batches_run_in_chunks_of_whole_images(kind, kernels, monkeypatch):
     # 9 tokens per image, at most 20 rows a chunk: 11 images, ceil(99 / 20) = 5 chunks wanted, so

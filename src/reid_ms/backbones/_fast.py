@@ -89,6 +89,9 @@ class PackedWeights:
             return entry[2]
         packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
         if rows == self.rows:
+            # copies of weights that no longer exist (blocks removed or replaced) go with this one's update
+            for key in [k for k, (ref, _, _) in self._entries.items() if ref() is None]:
+                del self._entries[key]
             self._entries[id(weight)] = (weakref.ref(weight), stamp, packed)
         return packed
 
