@@ -340,3 +340,10 @@ def test_dense_neck_inference_equals_the_convolution():
     expected = tokens[:, 0].double() + context / 3
     torch.testing.assert_close(out[:, 0].double(), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[:, 1:], tokens[:, 1:], atol=0, rtol=0)
+
+
+def test_empty_token_batch_through_the_blocks(kernels):
+    # forward() refuses an empty batch; forward_blocks() on tokens passes it through like the module path
+    model = _build("vit")
+    with torch.inference_mode():
+        assert model.forward_blocks(torch.randn(0, 9, 64)).shape == (0, 9, 64)

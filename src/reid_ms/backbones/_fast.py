@@ -120,7 +120,7 @@ def run_chunked(x: torch.Tensor, packs: PackedWeights | None, run: Callable[[tor
     """``run`` over ``x`` ``[B, T, D]`` in equal chunks of whole images, at most :data:`CHUNK_ROWS` tokens
     each where an image allows; sets ``packs.rows`` to a full chunk's token count."""
     b, t = x.shape[:2]
-    per = math.ceil(b / math.ceil(b * t / CHUNK_ROWS))
+    per = max(1, math.ceil(b / max(1, math.ceil(b * t / CHUNK_ROWS))))
     if packs is not None:
         packs.rows = per * t
     if per >= b:
