@@ -286,7 +286,7 @@ def test_weights_made_in_inference_mode_pack_every_call(kernels):
 
 @pytest.mark.parametrize("kind", ["vit", "clip"])
 def test_traced_graphs_hold_no_fused_ops(kind):
-    # compile / export / jit.trace see the module path (their backends do their own fusion)
+    # export / jit.trace see the module path: portable graphs of aten ops
     model = _build(kind)
     images = torch.randn(2, 3, 64, 32)
     labels = _labels(2)
@@ -296,7 +296,11 @@ def test_traced_graphs_hold_no_fused_ops(kind):
         reference = model(images, **labels)
         torch.testing.assert_close(exported.module()(images, **labels), reference, atol=1e-5, rtol=1e-5)
     for graph in (str(exported.graph), str(traced.inlined_graph)):
-        assert "_linear_pointwise" not in graph and "_mkl_linear" not in graph
+        assert "_linear_pointwise" not in graph and "_mkl_linear" not in graph and "fused_blocks" not in graph
+
+
+def _compiled_graphs(model: torch.nn.Module, run) -> list[str]:
+    """The graphs dynamo hands to the backend (fullgraph: a graph break fails) while ``run(compiled)``."""
     torch._dynamo.reset()
     graphs = []
 
@@ -304,10 +308,76 @@ def test_traced_graphs_hold_no_fused_ops(kind):
         graphs.append(str(gm.graph))
         return gm.forward
 
-    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    run(torch.compile(model, fullgraph=True, backend=backend))
+    torch._dynamo.reset()
+    return graphs
+
+
+@pytest.mark.parametrize("kind", ["vit", "clip"])
+def test_compiled_inference_calls_the_fused_path_as_one_op(kind, kernels):
+    model = _build(kind)
+    images = torch.randn(5, 3, 64, 32) * 2
+    labels = _labels(5)
+    fused, module_path = _both_paths(model, images, **labels)
+    results = []
+
+    def infer(compiled):
+        with torch.inference_mode():
+            results.append(compiled(images, **labels))
+
+    graphs = _compiled_graphs(model, infer)
+    assert len(graphs) == 1 and graphs[0].count("reid_ms.fused_blocks") == 1
+    torch.testing.assert_close(results[0], fused, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(results[0], module_path, atol=1e-5, rtol=1e-5)
+    if kernels == PACKED_OP:  # compiled and eager calls share the model's packed copies
+        assert len(_packs(model)) == 8
+        model.train()
+        assert len(_packs(model)) == 0
+        model.eval()
+
+
+@pytest.mark.parametrize("kind", ["vit", "clip"])
+def test_compiled_training_hooks_and_autocast_keep_the_module_path(kind):
+    model = _build(kind)
+    images = torch.randn(2, 3, 64, 32)
+    labels = _labels(2)
+
+    def train_step(compiled):
+        compiled(images, **labels).square().mean().backward()
+
+    def autocast_inference(compiled):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            compiled(images, **labels)
+
+    def input_gradient(compiled):  # eval mode with autograd on (attribution): the module path has derivatives
+        compiled(images.clone().requires_grad_(True), **labels).sum().backward()
+
+    graphs = _compiled_graphs(model.train(), train_step) + _compiled_graphs(model.eval(), autocast_inference)
+    graphs += _compiled_graphs(model, input_gradient)
+    layer = model.blocks[0].mlp.fc1 if kind == "vit" else model.transformer.resblocks[0].mlp.c_fc
+    handle = layer.register_forward_hook(lambda m, i, o: None)
+    graphs += _compiled_graphs(model, lambda compiled: compiled(images, **labels))
+    handle.remove()
+    assert len(graphs) == 4 and not any("fused_blocks" in g for g in graphs)
+
+
+def test_fused_blocks_op_registration():
+    # schema, fake (shape) implementation and eager kernel agree: torch.library's own consistency check
+    import reid_ms.backbones._compiled as compiled_path
+
+    model = _build("vit", camera_num=0, view_num=0)
+    tokens = torch.randn(3, 9, 64)
+    layers = [(b.norm1, b.attn.qkv.weight, b.attn.qkv.bias, b.attn.proj, b.norm2, b.mlp.fc1, b.mlp.fc2)
+              for b in model.blocks]
+    params = [t for layer in layers for t in (layer[0].weight, layer[0].bias, layer[1], layer[2], layer[3].weight,
+                                              layer[3].bias, layer[4].weight, layer[4].bias, layer[5].weight,
+                                              layer[5].bias, layer[6].weight, layer[6].bias)]
+    # inference only (no autograd formula): the check runs on tensors that need no gradient
+    args = (tokens, [p.detach() for p in params], 4, 1e-6, "gelu", model.packed_weights.token)
+    torch.library.opcheck(torch.ops.reid_ms.fused_blocks.default, args)
     with torch.inference_mode():
-        torch.testing.assert_close(compiled(images, **labels), reference, atol=1e-5, rtol=1e-5)
-    assert graphs and not any("_linear_pointwise" in g or "_mkl_linear" in g for g in graphs)
+        torch.testing.assert_close(compiled_path.run_blocks(tokens, layers, 4, 1e-6, "gelu", model.packed_weights),
+                                   model.forward_blocks(tokens), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.full

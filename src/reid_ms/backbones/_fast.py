@@ -33,6 +33,7 @@ Measured in ``docs/performance.md``; outputs agree with the module path within f
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from collections.abc import Callable
@@ -72,12 +73,24 @@ class PackedWeights:
     :attr:`rows` is the row count of a full chunk, whose copies are kept; a differing (last, smaller)
     chunk packs on the fly without replacing them. An entry is used only while the weight object, its
     storage and its version counter are the ones it was packed from. Never saved: pickling or deep-copying
-    a model gives an empty cache.
+    a model gives an empty cache. :attr:`token` names the cache for compiled graphs
+    (:func:`PackedWeights.by_token`), which cannot hold Python objects.
     """
+
+    _tokens = itertools.count()
+    _by_token: weakref.WeakValueDictionary[int, PackedWeights] = weakref.WeakValueDictionary()
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[weakref.ref, tuple[int, int, int], torch.Tensor]] = {}
         self.rows = 0
+        self.token = next(PackedWeights._tokens)
+        PackedWeights._by_token[self.token] = self
+
+    @classmethod
+    def by_token(cls, token: int) -> PackedWeights:
+        """The live cache with this token, or a fresh one (its model is gone: nothing to keep)."""
+        packs = cls._by_token.get(token)
+        return packs if packs is not None else PackedWeights()
 
     def packed(self, weight: torch.Tensor, rows: int) -> torch.Tensor:
         """``weight`` ``[N, K]`` packed for products with ``rows`` rows."""

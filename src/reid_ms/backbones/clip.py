@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from reid_ms.backbones._common import (INFERENCE_CHUNK_TOKENS, Label, check_images, grid_size, pair,
                                       run_in_chunks, side_info_index, side_info_rows)
 from reid_ms.backbones import _fast
+from reid_ms.backbones._compiled import compiled_path_active, run_blocks
 from reid_ms.backbones._fast import PackedWeights, fast_path_active, fused_block, run_chunked
 from reid_ms.errors import ConfigError
 
@@ -91,6 +92,12 @@ class ClipTransformer(nn.Module):
             for block in self.resblocks:
                 x = checkpoint(block, x, use_reentrant=False)
             return x
+        if compiled_path_active(x, self, self.resblocks, self.resblocks[0].attn.in_proj_weight):
+            # being compiled for inference: the same fused path, as one custom op in the graph
+            layers = [(b.ln_1, b.attn.in_proj_weight, b.attn.in_proj_bias, b.attn.out_proj, b.ln_2, b.mlp.c_fc,
+                       b.mlp.c_proj) for b in self.resblocks]
+            return run_blocks(x, layers, self.resblocks[0].attn.num_heads, self.resblocks[0].ln_1.eps, "quick_gelu",
+                              self.packed_weights)
         if fast_path_active(x, self, self.resblocks, self.resblocks[0].attn.in_proj_weight):
             packs = self.packed_weights if _fast.USE_MKL_PACKING else None
 

@@ -20,6 +20,7 @@ from timm.models.vision_transformer import Block
 from reid_ms.backbones._common import (INFERENCE_CHUNK_TOKENS, Label, check_images, grid_size, pair,
                                       run_in_chunks, side_info_index, side_info_rows)
 from reid_ms.backbones import _fast
+from reid_ms.backbones._compiled import compiled_path_active, run_blocks
 from reid_ms.backbones._fast import PackedWeights, fast_path_active, fused_block, run_chunked
 from reid_ms.errors import ConfigError
 
@@ -184,6 +185,12 @@ class VitTrans(nn.Module):
             for block in blocks:
                 x = checkpoint(block, x, use_reentrant=False)
             return x
+        if len(blocks) and compiled_path_active(x, self, blocks, blocks[0].attn.qkv.weight):
+            # being compiled for inference: the same fused path, as one custom op in the graph
+            layers = [(b.norm1, b.attn.qkv.weight, b.attn.qkv.bias, b.attn.proj, b.norm2, b.mlp.fc1, b.mlp.fc2)
+                      for b in blocks]
+            return run_blocks(x, layers, blocks[0].attn.num_heads, blocks[0].norm1.eps, "gelu",
+                              self.packed_weights)
         if len(blocks) and fast_path_active(x, self, blocks, blocks[0].attn.qkv.weight):
             # eval-mode blocks are exactly this (drop path, dropout and layer scale are identities)
             packs = self.packed_weights if _fast.USE_MKL_PACKING else None
