@@ -376,7 +376,7 @@ def test_fused_blocks_op_registration():
     args = (tokens, [p.detach() for p in params], 4, 1e-6, "gelu", model.packed_weights.token)
     torch.library.opcheck(torch.ops.reid_ms.fused_blocks.default, args)
     with torch.inference_mode():
-        torch.testing.assert_close(compiled_path.run_blocks(tokens, layers, 4, 1e-6, "gelu", model.packed_weights),
+        torch.testing.assert_close(compiled_path.run_blocks(tokens, layers, 4, "gelu", model.packed_weights),
                                    model.forward_blocks(tokens), atol=1e-6, rtol=1e-6)
 
 

@@ -32,23 +32,18 @@ BLOCK_PARAMS = ("norm1.weight", "norm1.bias", "qkv.weight", "qkv.bias", "proj.we
 @torch.library.custom_op("reid_ms::fused_blocks", mutates_args=(), device_types="cpu")
 def fused_blocks(x: torch.Tensor, params: list[Optional[torch.Tensor]], num_heads: int, eps: float, activation: str,
                  packs_token: int) -> torch.Tensor:
-    """The blocks on ``x`` ``[B, T, D]`` through :func:`~reid_ms.backbones._fast.fused_block`.
+    """:func:`~reid_ms.backbones._fast.run_fused` on ``x`` ``[B, T, D]``.
 
-    ``params`` holds :data:`BLOCK_PARAMS` for each block in turn; ``activation`` is ``"gelu"`` or
-    ``"quick_gelu"``; ``packs_token`` names the backbone's packed-weight cache.
+    ``params`` holds :data:`BLOCK_PARAMS` for each block in turn (``eps`` is both norms'); ``activation``
+    is ``"gelu"`` or ``"quick_gelu"``; ``packs_token`` names the backbone's packed-weight cache.
     """
-    packs = _fast.PackedWeights.by_token(packs_token) if _fast.USE_MKL_PACKING else None
-
-    def run(t: torch.Tensor) -> torch.Tensor:
-        for i in range(0, len(params), len(BLOCK_PARAMS)):
-            n1w, n1b, qw, qb, pw, pb, n2w, n2b, f1w, f1b, f2w, f2b = params[i:i + len(BLOCK_PARAMS)]
-            t = _fast.fused_block(
-                t, SimpleNamespace(weight=n1w, bias=n1b, eps=eps), (qw, qb), SimpleNamespace(weight=pw, bias=pb),
-                num_heads, SimpleNamespace(weight=n2w, bias=n2b, eps=eps), SimpleNamespace(weight=f1w, bias=f1b),
-                SimpleNamespace(weight=f2w, bias=f2b), activation, packs)
-        return t
-
-    return _fast.run_chunked(x.contiguous(), packs, run)
+    n = len(BLOCK_PARAMS)
+    layers = []
+    for n1w, n1b, qw, qb, pw, pb, n2w, n2b, f1w, f1b, f2w, f2b in (params[i:i + n] for i in range(0, len(params), n)):
+        layers.append((SimpleNamespace(weight=n1w, bias=n1b, eps=eps), qw, qb, SimpleNamespace(weight=pw, bias=pb),
+                       SimpleNamespace(weight=n2w, bias=n2b, eps=eps), SimpleNamespace(weight=f1w, bias=f1b),
+                       SimpleNamespace(weight=f2w, bias=f2b)))
+    return _fast.run_fused(x.contiguous(), layers, num_heads, activation, _fast.PackedWeights.by_token(packs_token))
 
 
 @fused_blocks.register_fake
@@ -67,11 +62,11 @@ def compiled_path_active(x: torch.Tensor, module: torch.nn.Module, blocks: torch
             and not _fast._hooked(blocks))
 
 
-def run_blocks(x: torch.Tensor, layers: list[tuple], num_heads: int, eps: float, activation: str,
+def run_blocks(x: torch.Tensor, layers: list[tuple], num_heads: int, activation: str,
                packs: "_fast.PackedWeights") -> torch.Tensor:
-    """Call the op on ``layers``: per block ``(norm1, qkv_weight, qkv_bias, proj, norm2, fc1, fc2)``."""
+    """:func:`~reid_ms.backbones._fast.run_fused`'s arguments, as one call of the op (for a compiled graph)."""
     params = []
     for norm1, qkv_weight, qkv_bias, proj, norm2, fc1, fc2 in layers:
         params += [norm1.weight, norm1.bias, qkv_weight, qkv_bias, proj.weight, proj.bias,
                    norm2.weight, norm2.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias]
-    return torch.ops.reid_ms.fused_blocks(x, params, num_heads, eps, activation, packs.token)
+    return torch.ops.reid_ms.fused_blocks(x, params, num_heads, layers[0][0].eps, activation, packs.token)

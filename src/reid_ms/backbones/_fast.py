@@ -141,6 +141,24 @@ def run_chunked(x: torch.Tensor, packs: PackedWeights | None, run: Callable[[tor
     return torch.cat([run(chunk) for chunk in x.split(per)])
 
 
+def run_fused(x: torch.Tensor, layers: list[tuple], num_heads: int, activation: str,
+              packs: PackedWeights) -> torch.Tensor:
+    """Blocks on ``x`` ``[B, T, D]`` through :func:`fused_block`, a chunk of images at a time.
+
+    ``layers`` holds per block ``(norm1, qkv_weight, qkv_bias, proj, norm2, fc1, fc2)`` (modules, or
+    objects with their ``weight`` / ``bias`` / ``eps``); ``packs`` is the backbone's cache, used where
+    this build has MKL's packed kernels (else oneDNN's fused ones).
+    """
+    packs = packs if USE_MKL_PACKING else None
+
+    def run(t: torch.Tensor) -> torch.Tensor:
+        for norm1, qkv_weight, qkv_bias, proj, norm2, fc1, fc2 in layers:
+            t = fused_block(t, norm1, (qkv_weight, qkv_bias), proj, num_heads, norm2, fc1, fc2, activation, packs)
+        return t
+
+    return run_chunked(x, packs, run)
+
+
 def _hooked(blocks: nn.Module) -> bool:
     """Whether a forward hook would see the blocks' submodules run (the fused path calls none of them)."""
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:

@@ -18,9 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 from reid_ms.backbones._common import (INFERENCE_CHUNK_TOKENS, Label, check_images, grid_size, pair,
                                       run_in_chunks, side_info_index, side_info_rows)
-from reid_ms.backbones import _fast
 from reid_ms.backbones._compiled import compiled_path_active, run_blocks
-from reid_ms.backbones._fast import PackedWeights, fast_path_active, fused_block, run_chunked
+from reid_ms.backbones._fast import PackedWeights, fast_path_active, run_fused
 from reid_ms.errors import ConfigError
 
 # CLIP's LayerNorm epsilon (PyTorch's default); TransReID's ViT uses 1e-6.
@@ -92,22 +91,14 @@ class ClipTransformer(nn.Module):
             for block in self.resblocks:
                 x = checkpoint(block, x, use_reentrant=False)
             return x
-        if compiled_path_active(x, self, self.resblocks, self.resblocks[0].attn.in_proj_weight):
-            # being compiled for inference: the same fused path, as one custom op in the graph
+        weight = self.resblocks[0].attn.in_proj_weight
+        compiled = compiled_path_active(x, self, self.resblocks, weight)
+        if compiled or fast_path_active(x, self, self.resblocks, weight):
+            # being compiled, the same path as one custom op in the graph
             layers = [(b.ln_1, b.attn.in_proj_weight, b.attn.in_proj_bias, b.attn.out_proj, b.ln_2, b.mlp.c_fc,
                        b.mlp.c_proj) for b in self.resblocks]
-            return run_blocks(x, layers, self.resblocks[0].attn.num_heads, self.resblocks[0].ln_1.eps, "quick_gelu",
-                              self.packed_weights)
-        if fast_path_active(x, self, self.resblocks, self.resblocks[0].attn.in_proj_weight):
-            packs = self.packed_weights if _fast.USE_MKL_PACKING else None
-
-            def run(t: torch.Tensor) -> torch.Tensor:
-                for block in self.resblocks:
-                    attn, mlp = block.attn, block.mlp
-                    t = fused_block(t, block.ln_1, (attn.in_proj_weight, attn.in_proj_bias), attn.out_proj,
-                                    attn.num_heads, block.ln_2, mlp.c_fc, mlp.c_proj, "quick_gelu", packs)
-                return t
-            return run_chunked(x, packs, run)
+            run = run_blocks if compiled else run_fused
+            return run(x, layers, self.resblocks[0].attn.num_heads, "quick_gelu", self.packed_weights)
         return self.resblocks(x)
 
     def train(self, mode: bool = True) -> ClipTransformer:

@@ -19,9 +19,8 @@ from timm.models.vision_transformer import Block
 
 from reid_ms.backbones._common import (INFERENCE_CHUNK_TOKENS, Label, check_images, grid_size, pair,
                                       run_in_chunks, side_info_index, side_info_rows)
-from reid_ms.backbones import _fast
 from reid_ms.backbones._compiled import compiled_path_active, run_blocks
-from reid_ms.backbones._fast import PackedWeights, fast_path_active, fused_block, run_chunked
+from reid_ms.backbones._fast import PackedWeights, fast_path_active, run_fused
 from reid_ms.errors import ConfigError
 
 
@@ -185,23 +184,15 @@ class VitTrans(nn.Module):
             for block in blocks:
                 x = checkpoint(block, x, use_reentrant=False)
             return x
-        if len(blocks) and compiled_path_active(x, self, blocks, blocks[0].attn.qkv.weight):
-            # being compiled for inference: the same fused path, as one custom op in the graph
+        weight = blocks[0].attn.qkv.weight if len(blocks) else None
+        compiled = weight is not None and compiled_path_active(x, self, blocks, weight)
+        if compiled or (weight is not None and fast_path_active(x, self, blocks, weight)):
+            # eval-mode blocks are exactly this (drop path, dropout and layer scale are identities); being
+            # compiled, the same path as one custom op in the graph
             layers = [(b.norm1, b.attn.qkv.weight, b.attn.qkv.bias, b.attn.proj, b.norm2, b.mlp.fc1, b.mlp.fc2)
                       for b in blocks]
-            return run_blocks(x, layers, blocks[0].attn.num_heads, blocks[0].norm1.eps, "gelu",
-                              self.packed_weights)
-        if len(blocks) and fast_path_active(x, self, blocks, blocks[0].attn.qkv.weight):
-            # eval-mode blocks are exactly this (drop path, dropout and layer scale are identities)
-            packs = self.packed_weights if _fast.USE_MKL_PACKING else None
-
-            def run(t: torch.Tensor) -> torch.Tensor:
-                for block in blocks:
-                    attn, mlp = block.attn, block.mlp
-                    t = fused_block(t, block.norm1, (attn.qkv.weight, attn.qkv.bias), attn.proj, attn.num_heads,
-                                    block.norm2, mlp.fc1, mlp.fc2, "gelu", packs)
-                return t
-            return run_chunked(x, packs, run)
+            run = run_blocks if compiled else run_fused
+            return run(x, layers, blocks[0].attn.num_heads, "gelu", self.packed_weights)
         return blocks(x)
 
     def forward_features(self, images: torch.Tensor, cam_label: Label = None,
