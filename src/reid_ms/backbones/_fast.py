@@ -22,8 +22,9 @@ in-place update under ``torch.no_grad()``, ``.to()``) or the chunk's row count c
 counter: call ``set_fused_inference(True)`` again after one (it clears the cache).
 
 Attention reads strided views of the stacked q/k/v product without a copy. Up to
-:data:`EXPLICIT_ATTENTION_MAX_TOKENS` tokens it runs explicitly, one image at a time (``baddbmm`` with the
-scale, softmax in place, ``bmm``), so that the ``[heads, T, T]`` scores stay in cache; this beats
+:data:`EXPLICIT_ATTENTION_MAX_TOKENS` tokens it runs explicitly, one image at a time
+(:func:`reid_ms.backbones._attention.explicit_attention`: ``baddbmm`` with the scale, softmax in place,
+``bmm``), so that the ``[heads, T, T]`` scores stay in cache; this beats
 ``F.scaled_dot_product_attention``'s CPU flash kernel at these lengths. Longer sequences use that kernel,
 whose output transposed back is contiguous.
 
@@ -41,6 +42,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from reid_ms.backbones._attention import explicit_attention
 
 # CLIP's QuickGELU: y * sigmoid(1.702 * y)
 QUICK_GELU_SCALE = 1.702
@@ -238,16 +241,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     if t > EXPLICIT_ATTENTION_MAX_TOKENS:
         # [B, heads, T, head_dim] with the strides of [B, T, heads, head_dim]: transposing back is free
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-    out = q.new_empty(b, t, heads, head_dim)
-    # one image's scores and per-head outputs, reused: allocated once, small enough to stay in cache
-    scores = q.new_empty(heads, t, t)
-    heads_out = q.new_empty(heads, t, head_dim)
-    for i in range(b):
-        torch.baddbmm(scores, q[i], k[i].transpose(1, 2), beta=0, alpha=head_dim**-0.5, out=scores)
-        torch.softmax(scores, -1, out=scores)
-        torch.bmm(scores, v[i], out=heads_out)
-        out[i].copy_(heads_out.transpose(0, 1))
-    return out
+    return explicit_attention(q, k, v)
 
 
 def fused_block(

@@ -16,6 +16,7 @@ from timm.layers import QuickGELU, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from reid_ms.backbones._attention import self_attention
 from reid_ms.backbones._common import (INFERENCE_CHUNK_TOKENS, Label, check_images, grid_size, pair,
                                       run_in_chunks, side_info_index, side_info_rows)
 from reid_ms.backbones._compiled import compiled_path_active, run_blocks
@@ -31,7 +32,8 @@ class ClipAttention(nn.Module):
 
     Written here instead of using ``nn.MultiheadAttention`` (whose names CLIP's files carry): that module
     is sequence-first by default and its general path is slower; this one keeps the names
-    (``in_proj_weight`` q/k/v stacked, ``in_proj_bias``, ``out_proj``) and calls the fused kernel directly.
+    (``in_proj_weight`` q/k/v stacked, ``in_proj_bias``, ``out_proj``) and calls
+    :func:`reid_ms.backbones._attention.self_attention` (SDPA, or a faster per-image path in CPU training).
     """
 
     def __init__(self, dim: int, num_heads: int) -> None:
@@ -44,11 +46,7 @@ class ClipAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, N, D]`` -> ``[B, N, D]``."""
-        b, n, d = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(x.transpose(1, 2).reshape(b, n, d))
+        return self.out_proj(self_attention(F.linear(x, self.in_proj_weight, self.in_proj_bias), self.num_heads))
 
 
 class ResidualAttentionBlock(nn.Module):

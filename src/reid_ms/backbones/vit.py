@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from functools import partial
 
 import torch
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Attention, Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.layers import trunc_normal_
-from timm.models.vision_transformer import Block
 
+from reid_ms.backbones._attention import self_attention
 from reid_ms.backbones._common import (INFERENCE_CHUNK_TOKENS, Label, check_images, grid_size, pair,
                                       run_in_chunks, side_info_index, side_info_rows)
 from reid_ms.backbones._compiled import compiled_path_active, run_blocks
@@ -40,6 +41,29 @@ class OverlapPatchEmbed(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, C, img_h, img_w]`` -> ``[B, H*W, D]``, tokens row by row."""
         return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class VitAttention(Attention):
+    """timm's ``Attention`` (same parameters, same results) computing through
+    :func:`reid_ms.backbones._attention.self_attention`, which is faster for CPU training.
+
+    :class:`VitTrans` gives its timm blocks this class in place of timm's (it adds no state). Anything
+    this forward does not cover (masks, causal attention, q/k norms, gates, the unfused path) is
+    timm's own forward.
+    """
+
+    def _plain(self) -> bool:
+        return (self.fused_attn and isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+                and getattr(self, "gate", None) is None)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is None and not is_causal and self._plain():
+            x = self_attention(self.qkv(x), self.num_heads, self.attn_drop.p if self.training else 0.0)
+            x = getattr(self, "norm", nn.Identity())(x)
+            return self.proj_drop(self.proj(x))
+        # older timm versions take no mask arguments: pass them only when given
+        extra = {} if attn_mask is None and not is_causal else {"attn_mask": attn_mask, "is_causal": is_causal}
+        return super().forward(x, **extra)
 
 
 class VitTrans(nn.Module):
@@ -119,6 +143,8 @@ class VitTrans(nn.Module):
             # timm turns fused attention off under its exportable flag or TIMM_FUSED_ATTN=0; the unfused
             # path materialises the [B, heads, T, T] matrix and is much slower, so always take SDPA.
             block.attn.fused_attn = True
+            if type(block.attn) is Attention:
+                block.attn.__class__ = VitAttention
         self.norm = norm_layer(embed_dim)
         self._init_weights()
 
