@@ -29,8 +29,8 @@ def _grads(fn, qkv: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor,
 
 
 @pytest.fixture
-def count_per_image(monkeypatch) -> list[int]:
-    """Counts calls of PerImageAttention.apply (the per-image path) while the test runs."""
+def count_per_image(monkeypatch, two_threads) -> list[int]:
+    """Counts calls of PerImageAttention.apply (the per-image path) while the test runs, at 2 threads."""
     calls: list[int] = []
     original = attn.PerImageAttention.apply
 
@@ -87,6 +87,11 @@ def test_where_the_per_image_path_is_taken(count_per_image, monkeypatch):
     monkeypatch.setattr(attn, "PER_IMAGE_TRAINING_MAX_TOKENS", 10)
     attn.self_attention(qkv, 4)
     assert len(count_per_image) == 2, "the token limit is inclusive"
+    for threads in (1, 5):
+        torch.set_num_threads(threads)
+        out = attn.self_attention(qkv, 4)
+        torch.testing.assert_close(out, _sdpa_reference(qkv, 4))
+    assert len(count_per_image) == 2, "1 thread or more than 4: SDPA"
 
 
 def test_compiled_training_traces_sdpa_not_the_per_image_loop(count_per_image):

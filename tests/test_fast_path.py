@@ -117,7 +117,7 @@ def test_fused_path_runs_in_inference_only(kind, kernels):
 
 @pytest.mark.parametrize("kind", ["vit", "clip"])
 @pytest.mark.parametrize(("max_tokens", "explicit"), [(9, True), (8, False)])
-def test_attention_either_side_of_the_token_threshold(kind, max_tokens, explicit, monkeypatch, kernels):
+def test_attention_either_side_of_the_token_threshold(kind, max_tokens, explicit, monkeypatch, kernels, two_threads):
     # 9 tokens (64x32, stride 16): explicit image-by-image attention up to the threshold, SDPA above it
     monkeypatch.setattr(fast, "EXPLICIT_ATTENTION_MAX_TOKENS", max_tokens)
     model = _build(kind)
@@ -128,6 +128,10 @@ def test_attention_either_side_of_the_token_threshold(kind, max_tokens, explicit
     assert any("scaled_dot_product" in op for op in ops) is not explicit
     fused, module_path = _both_paths(model, images, **_labels(5))
     torch.testing.assert_close(fused, module_path, atol=1e-5, rtol=1e-5)
+    torch.set_num_threads(1)  # a thread count outside the per-image range: SDPA at any length
+    with torch.inference_mode():
+        ops = _ops(lambda: model(images, **_labels(5)))
+    assert "aten::baddbmm" not in ops and any("scaled_dot_product" in op for op in ops)
     # every image attends over its own tokens only: permuting the batch permutes the outputs
     flipped, _ = _both_paths(model, images.flip(0), **{k: v.flip(0) for k, v in _labels(5).items()})
     torch.testing.assert_close(flipped, fused.flip(0), atol=1e-5, rtol=1e-5)

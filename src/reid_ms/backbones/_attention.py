@@ -4,7 +4,8 @@ Both backbones' attention starts from one product ``qkv = x @ W_qkv.T + b`` of s
 k and v side by side, each split into heads) and ends in ``[B, T, D]`` (heads side by side again).
 :func:`self_attention` computes ``softmax(q k^T / sqrt(head_dim)) v`` between those layouts.
 
-**Training on CPU in fp32** with up to :data:`PER_IMAGE_TRAINING_MAX_TOKENS` tokens, it runs
+**Training on CPU in fp32** with up to :data:`PER_IMAGE_TRAINING_MAX_TOKENS` tokens (and 2-4 threads,
+:data:`PER_IMAGE_THREADS`), it runs
 :class:`PerImageAttention`: the forward is :func:`explicit_attention` (per image: ``baddbmm`` for the
 scaled scores, softmax in place, ``bmm``, on strided views of ``qkv``, so no layout copies of the whole
 batch); like a flash kernel it keeps only ``qkv`` and the output for the backward, which per image
@@ -33,9 +34,22 @@ from torch.autograd.function import once_differentiable
 # Longest sequence whose training-time attention runs image by image (see the module docstring).
 PER_IMAGE_TRAINING_MAX_TOKENS = 256
 
+# Thread counts (torch.get_num_threads()) at which the per-image paths, training and inference, are used.
+# Measured on this project's 2-core machines: at 2 threads they beat SDPA's CPU kernel (the numbers
+# above); at 1 thread they do not (training 0.92-1.06x, inference 1.05-1.13x SDPA's attention time). From
+# 5 threads on, one image's head products (12 for ViT-B) per call would leave threads idle where SDPA
+# splits images x heads x query blocks; not measured here, so SDPA is kept.
+PER_IMAGE_THREADS = range(2, 5)
+
+
+def per_image_threads() -> bool:
+    """Whether the current thread count is one the per-image paths are used at (:data:`PER_IMAGE_THREADS`)."""
+    return torch.get_num_threads() in PER_IMAGE_THREADS
+
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention one image at a time: ``q``, ``k``, ``v`` ``[B, heads, T, hd]`` (any strides) -> ``[B, T, heads, hd]``.
+    """Softmax attention one image at a time: ``q``, ``k``, ``v`` ``[B, heads, T, hd]`` (any strides) ->
+    ``[B, T, heads, hd]``.
 
     The scores and per-head outputs of one image are two buffers reused for every image.
     """
@@ -105,8 +119,9 @@ def per_image_training_usable(qkv: torch.Tensor) -> bool:
     """Whether :func:`self_attention` runs :class:`PerImageAttention` on ``qkv`` ``[B, T, 3D]``.
 
     An autograd graph being recorded for a plain fp32 CPU tensor, outside autocast, with at most
-    :data:`PER_IMAGE_TRAINING_MAX_TOKENS` tokens, and not under ``torch.compile``, ``torch.export``, ONNX
-    export or ``torch.jit`` tracing (those see SDPA, which their own backends lower and differentiate).
+    :data:`PER_IMAGE_TRAINING_MAX_TOKENS` tokens, at :data:`PER_IMAGE_THREADS` threads, and not under
+    ``torch.compile``, ``torch.export``, ONNX export or ``torch.jit`` tracing (those see SDPA, which their
+    own backends lower and differentiate).
     """
     # tracing checks first: under torch.compile the first one is a constant and nothing else is traced
     return (
@@ -115,7 +130,7 @@ def per_image_training_usable(qkv: torch.Tensor) -> bool:
         and torch.is_grad_enabled() and qkv.requires_grad
         and type(qkv) is torch.Tensor and qkv.device.type == "cpu" and qkv.dtype == torch.float32
         and qkv.layout == torch.strided and not torch.is_autocast_enabled("cpu")
-        and qkv.shape[1] <= PER_IMAGE_TRAINING_MAX_TOKENS
+        and qkv.shape[1] <= PER_IMAGE_TRAINING_MAX_TOKENS and per_image_threads()
     )
 
 

@@ -25,8 +25,9 @@ Attention reads strided views of the stacked q/k/v product without a copy. Up to
 :data:`EXPLICIT_ATTENTION_MAX_TOKENS` tokens it runs explicitly, one image at a time
 (:func:`reid_ms.backbones._attention.explicit_attention`: ``baddbmm`` with the scale, softmax in place,
 ``bmm``), so that the ``[heads, T, T]`` scores stay in cache; this beats
-``F.scaled_dot_product_attention``'s CPU flash kernel at these lengths. Longer sequences use that kernel,
-whose output transposed back is contiguous.
+``F.scaled_dot_product_attention``'s CPU flash kernel at these lengths with 2 threads (not with 1; the
+thread counts it is used at are :data:`reid_ms.backbones._attention.PER_IMAGE_THREADS`). Longer
+sequences and other thread counts use that kernel, whose output transposed back is contiguous.
 
 Measured in ``docs/performance.md``; outputs agree with the module path within float rounding
 (``tests/test_fast_path.py``).
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reid_ms.backbones._attention import explicit_attention
+from reid_ms.backbones._attention import explicit_attention, per_image_threads
 
 # CLIP's QuickGELU: y * sigmoid(1.702 * y)
 QUICK_GELU_SCALE = 1.702
@@ -235,10 +236,11 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax attention: ``q``, ``k``, ``v`` ``[B, heads, T, head_dim]`` (any strides) -> ``[B, T, heads, head_dim]``.
 
-    Up to :data:`EXPLICIT_ATTENTION_MAX_TOKENS` tokens explicitly, one image at a time; beyond, SDPA.
+    Up to :data:`EXPLICIT_ATTENTION_MAX_TOKENS` tokens explicitly, one image at a time (at the thread counts
+    of :data:`reid_ms.backbones._attention.PER_IMAGE_THREADS`); beyond, or at other thread counts, SDPA.
     """
     b, heads, t, head_dim = q.shape
-    if t > EXPLICIT_ATTENTION_MAX_TOKENS:
+    if t > EXPLICIT_ATTENTION_MAX_TOKENS or not per_image_threads():
         # [B, heads, T, head_dim] with the strides of [B, T, heads, head_dim]: transposing back is free
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
     return explicit_attention(q, k, v)
