@@ -112,6 +112,19 @@ def _vit_and_timm_attention() -> tuple[VitAttention, Attention]:
     return ours, theirs
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # PyTorch's vmap fallback
+def test_torch_func_transforms_take_sdpa(count_per_image):
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 7, 48, generator=gen)
+    weight = torch.randn(2, 7, 16, generator=gen)
+    grad = torch.func.grad(lambda x: (attn.self_attention(x, 4) * weight).sum())(qkv)
+    _, reference = _grads(lambda x: _sdpa_reference(x, 4), qkv, weight)
+    torch.testing.assert_close(grad, reference)
+    batched = torch.func.vmap(lambda x: attn.self_attention(x, 4))(qkv.unsqueeze(1))
+    torch.testing.assert_close(batched.squeeze(1), _sdpa_reference(qkv, 4))
+    assert not count_per_image
+
+
 def test_vit_attention_equals_timms_attention_forward_and_backward():
     ours, theirs = _vit_and_timm_attention()
     x = torch.randn(3, 21, 32)

@@ -120,13 +120,14 @@ def per_image_training_usable(qkv: torch.Tensor) -> bool:
 
     An autograd graph being recorded for a plain fp32 CPU tensor, outside autocast, with at most
     :data:`PER_IMAGE_TRAINING_MAX_TOKENS` tokens, at :data:`PER_IMAGE_THREADS` threads, and not under
-    ``torch.compile``, ``torch.export``, ONNX export or ``torch.jit`` tracing (those see SDPA, which their
-    own backends lower and differentiate).
+    ``torch.compile``, ``torch.export``, ONNX export, ``torch.jit`` tracing or ``torch.func`` transforms
+    (those see SDPA, which their own backends lower and differentiate).
     """
     # tracing checks first: under torch.compile the first one is a constant and nothing else is traced
     return (
         not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
         and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
+        and not torch._C._are_functorch_transforms_active()  # torch.func.grad/vmap: SDPA's own rules
         and torch.is_grad_enabled() and qkv.requires_grad
         and type(qkv) is torch.Tensor and qkv.device.type == "cpu" and qkv.dtype == torch.float32
         and qkv.layout == torch.strided and not torch.is_autocast_enabled("cpu")
