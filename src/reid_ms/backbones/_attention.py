@@ -4,12 +4,12 @@ Both backbones' attention starts from one product ``qkv = x @ W_qkv.T + b`` of s
 k and v side by side, each split into heads) and ends in ``[B, T, D]`` (heads side by side again).
 :func:`self_attention` computes ``softmax(q k^T / sqrt(head_dim)) v`` between those layouts.
 
-**Training on CPU in fp32** with up to :data:`PER_IMAGE_TRAINING_MAX_TOKENS` tokens (and 2-4 threads,
-:data:`PER_IMAGE_THREADS`), it runs
-:class:`PerImageAttention`: the forward is :func:`explicit_attention` (per image: ``baddbmm`` for the
-scaled scores, softmax in place, ``bmm``, on strided views of ``qkv``, so no layout copies of the whole
-batch); like a flash kernel it keeps only ``qkv`` and the output for the backward, which per image
-recomputes the probabilities ``P`` by the same operations and then forms
+**Training on CPU in fp32** with up to :data:`PER_IMAGE_TRAINING_MAX_TOKENS` tokens and 2-4 threads
+(:data:`PER_IMAGE_THREADS`), it runs :class:`PerImageAttention`: the forward is
+:func:`explicit_attention` (per image: ``baddbmm`` for the scaled scores, softmax in place, ``bmm``, on
+strided views of ``qkv``, so no layout copies of the whole batch); like a flash kernel it keeps only
+``qkv`` and the output for the backward, which per image recomputes the probabilities ``P`` by the same
+operations and then forms
 
     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - rowsum(dO * O)),   dQ = dS K / sqrt(hd),   dK = dS^T Q / sqrt(hd)
 
@@ -17,12 +17,14 @@ recomputes the probabilities ``P`` by the same operations and then forms
 gradient of ``qkv``. One image's ``[heads, T, T]`` scores (2 MB for ViT-B at 211 tokens) stay in cache.
 Measured against PyTorch's CPU flash kernel with the permutes and the stacking of three gradients
 around it (ViT-B, 12 heads of 64, batch 16, 2 threads, forward and backward): 0.67-0.69x the time at
-129 tokens, 0.90-0.91x at 197-257, 0.99x at 325 (``docs/performance.md``), hence the limit.
+129 tokens, 0.90-0.91x at 197-257, 0.99x at 325, hence the limit; in a whole training step 0.87-0.97x
+the time at 129 tokens and a tie at 211 (``docs/performance.md``).
 
-**Everywhere else** (no gradient needed, GPU, half precision, autocast, longer sequences, attention
-dropout, ``torch.compile``/``torch.export``/ONNX/tracing) it is ``F.scaled_dot_product_attention`` on
-permuted views, the path compilers and exporters know. (CPU fp32 *inference* has its own path in
-:mod:`reid_ms.backbones._fast`, which calls :func:`explicit_attention` for short sequences too.)
+**Everywhere else** (no gradient needed, GPU, half precision, autocast, longer sequences, other thread
+counts, attention dropout, ``torch.compile``/``torch.export``/ONNX/tracing, ``torch.func`` transforms) it
+is ``F.scaled_dot_product_attention`` on permuted views, the path compilers and exporters know. (CPU fp32
+*inference* has its own path in :mod:`reid_ms.backbones._fast`, which calls :func:`explicit_attention`
+for short sequences too.)
 """
 
 from __future__ import annotations
