@@ -15,21 +15,18 @@ global batch, and they equal a plain BatchNorm run over the features of both ran
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from _helpers_dist import free_port, join_gloo, spawn
 import reid_ms
 from reid_ms.distributed import SyncBatchNorm
 
@@ -41,12 +38,6 @@ MODELS = {
                               scales=(2, 4)),
 }
 CLASSES, CAMERAS, BATCH = 4, 3, 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _triplet(feature: torch.Tensor, pids: torch.Tensor, margin: float = 0.3) -> torch.Tensor:
@@ -68,9 +59,7 @@ def _convert_bnneck(model: reid_ms.ReIDModel) -> list[torch.Tensor]:
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
+    join_gloo(rank, WORLD, port, timeout_s=120)
     try:
         for name, kw in MODELS.items():
             torch.manual_seed(rank)  # replicas start different: DDP must broadcast rank 0's weights
@@ -99,20 +88,10 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(fn, args, timeout: float) -> None:
-    context = mp.spawn(fn, args=args, nprocs=WORLD, join=False)
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail(f"the {WORLD} processes did not finish within {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    _spawn(_worker, (_free_port(), str(out)), timeout=240)
+    spawn(_worker, (free_port(), str(out)), WORLD, timeout=240)
     return {name: [torch.load(out / f"{name}.{r}.pt", weights_only=True) for r in range(WORLD)] for name in MODELS}
 
 
@@ -146,7 +125,7 @@ def test_train_ddp_example_runs_under_torchrun(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-         str(_free_port()), str(ROOT / "examples" / "train_ddp.py"), "--tiny", "--steps", "2", "--batch", "4",
+         str(free_port()), str(ROOT / "examples" / "train_ddp.py"), "--tiny", "--steps", "2", "--batch", "4",
          "--model", "vit_b16_ms", "--out", str(out)],
         capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

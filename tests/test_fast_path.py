@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import reid_ms.backbones._fast as fast
+from _helpers_backbones import tiny_backbone, tiny_labels
 from reid_ms import ClipVisual, MultiScaleSlidingWindow, VitTrans
 
-TINY_VIT = dict(img_size=(64, 32), embed_dim=64, depth=2, num_heads=4, camera_num=3, view_num=2)
-TINY_CLIP = dict(img_size=(64, 32), width=64, layers=2, heads=4, output_dim=32, camera_num=3, view_num=2)
 FUSED_OP = "mkldnn::_linear_pointwise"  # oneDNN's product with a fused epilogue
 PACKED_OP = "mkl::_mkl_linear"  # MKL's product with a packed weight
 FAST_OPS = {FUSED_OP, PACKED_OP}
@@ -32,20 +31,7 @@ def kernels(request, monkeypatch) -> str:
 
 
 def _build(kind: str, **overrides) -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = (TINY_VIT if kind == "vit" else TINY_CLIP) | overrides
-    model = VitTrans(**cfg) if kind == "vit" else ClipVisual(**cfg)
-    with torch.no_grad():  # non-trivial norms and biases, so a misplaced scale or bias shows
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.5)
-    return model.eval()
-
-
-def _labels(batch: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    return dict(cam_label=torch.randint(0, 3, (batch,), generator=gen),
-                view_label=torch.randint(0, 2, (batch,), generator=gen))
+    return tiny_backbone(kind, 0.5, **overrides)
 
 
 def _ops(fn) -> set[str]:
@@ -70,9 +56,9 @@ def test_fused_equals_module_path(kind, stride, kernels):
     # the module path is timm's Block (ViT) and the QuickGELU block (CLIP): they are the oracle
     model = _build(kind, stride_size=stride)
     images = torch.randn(3, 3, 64, 32) * 2
-    fused, module_path = _both_paths(model, images, **_labels(3))
+    fused, module_path = _both_paths(model, images, **tiny_labels(3))
     torch.testing.assert_close(fused, module_path, atol=1e-5, rtol=1e-5)
-    assert not torch.equal(fused, _both_paths(model, images.flip(0), **_labels(3))[0])
+    assert not torch.equal(fused, _both_paths(model, images.flip(0), **tiny_labels(3))[0])
 
 
 def test_fused_clip_unprojected_and_large_activations(kernels):
@@ -82,7 +68,7 @@ def test_fused_clip_unprojected_and_large_activations(kernels):
         for block in model.transformer.resblocks:
             block.mlp.c_fc.weight.mul_(40)
     images = torch.randn(2, 3, 64, 32)
-    fused, module_path = _both_paths(model, images, project=False, **_labels(2))
+    fused, module_path = _both_paths(model, images, project=False, **tiny_labels(2))
     assert fused.shape == (2, 9, 64)
     torch.testing.assert_close(fused, module_path, atol=1e-5, rtol=1e-5)
 
@@ -91,7 +77,7 @@ def test_fused_clip_unprojected_and_large_activations(kernels):
 def test_fused_path_runs_in_inference_only(kind, kernels):
     model = _build(kind)
     images = torch.randn(2, 3, 64, 32)
-    labels = _labels(2)
+    labels = tiny_labels(2)
 
     def fast_ops() -> set[str]:
         return _ops(lambda: model(images, **labels)) & FAST_OPS
@@ -123,17 +109,17 @@ def test_attention_either_side_of_the_token_threshold(kind, max_tokens, explicit
     model = _build(kind)
     images = torch.randn(5, 3, 64, 32) * 2
     with torch.inference_mode():
-        ops = _ops(lambda: model(images, **_labels(5)))
+        ops = _ops(lambda: model(images, **tiny_labels(5)))
     assert ("aten::baddbmm" in ops) is explicit
     assert any("scaled_dot_product" in op for op in ops) is not explicit
-    fused, module_path = _both_paths(model, images, **_labels(5))
+    fused, module_path = _both_paths(model, images, **tiny_labels(5))
     torch.testing.assert_close(fused, module_path, atol=1e-5, rtol=1e-5)
     torch.set_num_threads(1)  # a thread count outside the per-image range: SDPA at any length
     with torch.inference_mode():
-        ops = _ops(lambda: model(images, **_labels(5)))
+        ops = _ops(lambda: model(images, **tiny_labels(5)))
     assert "aten::baddbmm" not in ops and any("scaled_dot_product" in op for op in ops)
     # every image attends over its own tokens only: permuting the batch permutes the outputs
-    flipped, _ = _both_paths(model, images.flip(0), **{k: v.flip(0) for k, v in _labels(5).items()})
+    flipped, _ = _both_paths(model, images.flip(0), **{k: v.flip(0) for k, v in tiny_labels(5).items()})
     torch.testing.assert_close(flipped, fused.flip(0), atol=1e-5, rtol=1e-5)
 
 
@@ -145,11 +131,11 @@ def test_forward_hooks_on_blocks_keep_firing(kind):
     seen = []
     handle = layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     with torch.inference_mode():
-        hooked = model(images, **_labels(2))
+        hooked = model(images, **tiny_labels(2))
     handle.remove()
     assert seen == [torch.Size([2, 9, 256])]
     with torch.inference_mode():
-        torch.testing.assert_close(model(images, **_labels(2)), hooked, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(images, **tiny_labels(2)), hooked, atol=1e-5, rtol=1e-5)
 
 
 def _packs(model: torch.nn.Module) -> fast.PackedWeights:
@@ -167,7 +153,7 @@ def test_new_weights_are_used_not_stale_packed_copies(kind, update, kernels):
     model = _build(kind)
     images = torch.randn(2, 3, 64, 32) * 2
     with torch.inference_mode():
-        before = model(images, **_labels(2))
+        before = model(images, **tiny_labels(2))
     if kernels == PACKED_OP:
         assert len(_packs(model)) == 4 * 2  # qkv, proj, fc1, fc2 in 2 blocks
     other = _build(kind)
@@ -178,7 +164,7 @@ def test_new_weights_are_used_not_stale_packed_copies(kind, update, kernels):
         model.load_state_dict(other.state_dict())
     elif update == "optimizer":  # an in-place step in train mode, back to eval without calling train()
         opt = torch.optim.SGD(model.parameters(), lr=10.0)
-        model(images, **_labels(2)).square().mean().backward()
+        model(images, **tiny_labels(2)).square().mean().backward()
         opt.step()
     elif update == "no_grad_mul":
         with torch.no_grad():
@@ -189,7 +175,7 @@ def test_new_weights_are_used_not_stale_packed_copies(kind, update, kernels):
             w.data = w.data * 1.5
     else:
         model.double().float()
-    fused, module_path = _both_paths(model, images, **_labels(2))
+    fused, module_path = _both_paths(model, images, **tiny_labels(2))
     torch.testing.assert_close(fused, module_path, atol=1e-5, rtol=1e-5)
     if update != "to":
         assert (fused - before).abs().max() > 1e-2
@@ -257,7 +243,7 @@ def test_large_batches_run_in_chunks_of_whole_images(kind, kernels, monkeypatch)
     monkeypatch.setattr(fast, "CHUNK_ROWS", 20)
     model = _build(kind)
     images = torch.randn(11, 3, 64, 32) * 2
-    labels = _labels(11)
+    labels = tiny_labels(11)
     calls = []
     original = fast.attention
     monkeypatch.setattr(fast, "attention", lambda q, k, v: calls.append(q.shape[0]) or original(q, k, v))
@@ -293,7 +279,7 @@ def test_traced_graphs_hold_no_fused_ops(kind):
     # export / jit.trace see the module path: portable graphs of aten ops
     model = _build(kind)
     images = torch.randn(2, 3, 64, 32)
-    labels = _labels(2)
+    labels = tiny_labels(2)
     with torch.no_grad():
         exported = torch.export.export(model, (images,), labels)
         traced = torch.jit.trace(_build(kind, camera_num=0, view_num=0), images, check_trace=False)
@@ -321,7 +307,7 @@ def _compiled_graphs(model: torch.nn.Module, run) -> list[str]:
 def test_compiled_inference_calls_the_fused_path_as_one_op(kind, kernels):
     model = _build(kind)
     images = torch.randn(5, 3, 64, 32) * 2
-    labels = _labels(5)
+    labels = tiny_labels(5)
     fused, module_path = _both_paths(model, images, **labels)
     results = []
 
@@ -344,7 +330,7 @@ def test_compiled_inference_calls_the_fused_path_as_one_op(kind, kernels):
 def test_compiled_training_hooks_and_autocast_keep_the_module_path(kind):
     model = _build(kind)
     images = torch.randn(2, 3, 64, 32)
-    labels = _labels(2)
+    labels = tiny_labels(2)
 
     def train_step(compiled):
         compiled(images, **labels).square().mean().backward()

@@ -5,28 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reid_ms import ClipVisual, VitTrans, load_clip_weights
+from _helpers_backbones import tiny_backbone, tiny_labels
+from reid_ms import ClipVisual, load_clip_weights
 
-TINY_VIT = dict(img_size=(64, 32), embed_dim=64, depth=2, num_heads=4, camera_num=3, view_num=2)
-TINY_CLIP = dict(img_size=(64, 32), width=64, layers=2, heads=4, output_dim=32, camera_num=3, view_num=2)
 # 64x32 at patch 16, stride 16: 4x2 patches + CLS = 9 tokens; 20 tokens per chunk -> chunks of 2 images
 CHUNK_TOKENS = 20
 
 
 def _build(kind: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = VitTrans(**TINY_VIT) if kind == "vit" else ClipVisual(**TINY_CLIP)
-    with torch.no_grad():  # random norms and biases: a sample mixed into another's chunk changes the output
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
-
-
-def _labels(batch: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    return dict(cam_label=torch.randint(0, 3, (batch,), generator=gen),
-                view_label=torch.randint(0, 2, (batch,), generator=gen))
+    return tiny_backbone(kind, 0.1)
 
 
 @pytest.mark.parametrize("kind", ["vit", "clip"])
@@ -34,7 +21,7 @@ def _labels(batch: int) -> dict[str, torch.Tensor]:
 def test_chunked_inference_equals_one_call_and_per_image(kind, batch):
     model = _build(kind)
     images = torch.randn(batch, 3, 64, 32)
-    labels = _labels(batch)
+    labels = tiny_labels(batch)
     with torch.inference_mode():
         model.inference_chunk_tokens = 0
         whole = model(images, **labels)
@@ -52,9 +39,9 @@ def test_chunked_inference_with_unprojected_clip_tokens():
     images = torch.randn(5, 3, 64, 32)
     with torch.no_grad():
         model.inference_chunk_tokens = 0
-        whole = model(images, **_labels(5), project=False)
+        whole = model(images, **tiny_labels(5), project=False)
         model.inference_chunk_tokens = CHUNK_TOKENS
-        chunked = model(images, **_labels(5), project=False)
+        chunked = model(images, **tiny_labels(5), project=False)
     assert chunked.shape == (5, 9, 64)
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
 
@@ -66,12 +53,12 @@ def test_training_forward_is_not_chunked_and_gradients_match(kind):
     images = torch.randn(5, 3, 64, 32)
     model.inference_chunk_tokens = CHUNK_TOKENS
     torch.manual_seed(3)  # the same drop-path draws in both runs
-    model(images, **_labels(5)).square().mean().backward()
+    model(images, **tiny_labels(5)).square().mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     model.inference_chunk_tokens = 0
     torch.manual_seed(3)
-    model(images, **_labels(5)).square().mean().backward()
+    model(images, **tiny_labels(5)).square().mean().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, atol=0, rtol=0, msg=n)
 
@@ -85,7 +72,7 @@ def test_compile_fullgraph_with_labels_on_a_chunk_sized_batch(kind):
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.inference_mode():
-        torch.testing.assert_close(compiled(images, **_labels(5)), model(images, **_labels(5)),
+        torch.testing.assert_close(compiled(images, **tiny_labels(5)), model(images, **tiny_labels(5)),
                                    atol=1e-5, rtol=1e-5)
 
 

@@ -9,16 +9,13 @@ to its, and its running statistics. One spawn runs every distributed case; the r
 from __future__ import annotations
 
 import os
-import socket
-import time
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from _helpers_dist import free_port, join_gloo, spawn
 import reid_ms
 import reid_ms.distributed
 from reid_ms.distributed import SyncBatchNorm
@@ -37,12 +34,6 @@ CASES = {
 }
 FLOAT64_ORACLE = {"large_offset"}
 STEPS = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _plain(name: str) -> nn.modules.batchnorm._BatchNorm:
@@ -87,9 +78,7 @@ def _run_steps(bn: nn.Module, name: str, rows: slice, dtype: torch.dtype = torch
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    join_gloo(rank, WORLD, port, timeout_s=60)
     try:
         result = {}
         for name in CASES:
@@ -125,13 +114,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("syncbn")
-    start = time.monotonic()
-    context = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False)
-    while not context.join(timeout=1):
-        if time.monotonic() - start > 120:
-            for p in context.processes:
-                p.kill()
-            pytest.fail(f"the {WORLD} processes did not finish within 120 s")
+    spawn(_worker, (free_port(), str(out)), WORLD, timeout=120)
     return [torch.load(out / f"{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

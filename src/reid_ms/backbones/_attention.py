@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from reid_ms.backbones._common import eager_cpu_fp32
+
 # Longest sequence whose training-time attention runs image by image (see the module docstring).
 PER_IMAGE_TRAINING_MAX_TOKENS = 256
 
@@ -125,14 +127,10 @@ def per_image_training_usable(qkv: torch.Tensor) -> bool:
     ``torch.compile``, ``torch.export``, ONNX export, ``torch.jit`` tracing or ``torch.func`` transforms
     (those see SDPA, which their own backends lower and differentiate).
     """
-    # tracing checks first: under torch.compile the first one is a constant and nothing else is traced
     return (
-        not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-        and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
+        eager_cpu_fp32(qkv)
         and not torch._C._are_functorch_transforms_active()  # torch.func.grad/vmap: SDPA's own rules
         and torch.is_grad_enabled() and qkv.requires_grad
-        and type(qkv) is torch.Tensor and qkv.device.type == "cpu" and qkv.dtype == torch.float32
-        and qkv.layout == torch.strided and not torch.is_autocast_enabled("cpu")
         and qkv.shape[1] <= PER_IMAGE_TRAINING_MAX_TOKENS and per_image_threads()
     )
 

@@ -38,6 +38,23 @@ def _autocast_on(device_type: str) -> bool:
         return False
 
 
+def eager_cpu_fp32(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a plain fp32 CPU tensor in eager code: the condition of both CPU fast paths.
+
+    Not under ``torch.compile``, ``torch.export``, ONNX export or ``torch.jit`` tracing (those see the
+    module path, which their own backends lower), no FakeTensor / functional / subclass tensor, no CPU
+    autocast.
+    """
+    # tracing checks first: under torch.compile the first one is a constant and nothing else is traced
+    return (
+        not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+        and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
+        and type(x) is torch.Tensor
+        and x.device.type == "cpu" and x.dtype == torch.float32 and x.layout == torch.strided
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
 def check_images(images: torch.Tensor, in_chans: int, img_size: tuple[int, int], owner: str,
                  dtype: torch.dtype | None = None) -> None:
     """Raise :class:`InputError` unless ``images`` is a float ``[B, in_chans, *img_size]`` batch.

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reid_ms.backbones._attention import explicit_attention, per_image_threads
+from reid_ms.backbones._common import eager_cpu_fp32
 
 # CLIP's QuickGELU: y * sigmoid(1.702 * y)
 QUICK_GELU_SCALE = 1.702
@@ -178,16 +179,10 @@ def fused_kernels_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     ``torch.compile``, ``torch.export``, ONNX export or ``torch.jit`` tracing: those trace the module
     path, whose graph their own backends fuse.
     """
-    # tracing checks first: under torch.compile the first one is a constant and nothing else is traced
     return (
-        not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-        and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
-        and not torch.is_grad_enabled()
-        and type(x) is torch.Tensor  # no FakeTensor / functional / subclass tensors
-        and x.device.type == "cpu" and x.dtype == torch.float32 and x.layout == torch.strided
+        eager_cpu_fp32(x) and not torch.is_grad_enabled()
         and type(weight) is nn.Parameter and weight.device.type == "cpu" and weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-        and not torch.is_autocast_enabled("cpu")
     )
 
 

@@ -59,8 +59,8 @@ class VitAttention(Attention):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is None and not is_causal and self._plain():
             x = self_attention(self.qkv(x), self.num_heads, self.attn_drop.p if self.training else 0.0)
-            x = getattr(self, "norm", nn.Identity())(x)
-            return self.proj_drop(self.proj(x))
+            norm = getattr(self, "norm", None)  # older timm versions have no output norm
+            return self.proj_drop(self.proj(x if norm is None else norm(x)))
         # older timm versions take no mask arguments: pass them only when given
         extra = {} if attn_mask is None and not is_causal else {"attn_mask": attn_mask, "is_causal": is_causal}
         return super().forward(x, **extra)

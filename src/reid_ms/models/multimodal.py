@@ -73,12 +73,15 @@ class MultiModalReIDModel(BuiltModel):
         if missing not in MISSING:
             raise ConfigError(f"missing must be one of {MISSING}, got {missing!r}")
         super().__init__(backbone, neck)
-        width = self.token_dim
         self.modalities = tuple(modalities)
         self.missing = missing
-        self.modality_dim = width
-        self.head = BNNeckHead(len(self.modalities) * width, num_classes=num_classes, neck_feat=neck_feat)
+        self.head = BNNeckHead(len(self.modalities) * self.token_dim, num_classes=num_classes, neck_feat=neck_feat)
         self.feat_dim = self.head.feat_dim
+
+    @property
+    def modality_dim(self) -> int:
+        """Width of one modality's feature (the backbone's or adapter's token width)."""
+        return self.token_dim
 
     def _present(self, inputs: Mapping[str, torch.Tensor]) -> tuple[list[str], int]:
         if not isinstance(inputs, Mapping):

@@ -165,27 +165,22 @@ class MultiScaleSlidingWindow(nn.Module):
         # The weights are large, the grid small: pool the grid into one [s, s] tile map per scale and read
         # each weight once, as [D_out, D_in * s * s]; the small tile map is permuted to the weight's
         # (d, p, q) order, never the weight. weight @ tiles [K, B] streams the weight (x @ weight.T runs at
-        # half that speed on CPU at small batches).
+        # half that speed on CPU at small batches). In CPU inference oneDNN's tiles [B, K] @ weight.T reads
+        # the weight at memory speed, about 1.6x faster than addmm at B = 8 (which has the derivative
+        # training needs).
         b, d = grid.shape[0], grid.shape[3]
-        if fused_kernels_usable(grid, self.windows[0].weight):
-            return self._dense_context_onednn(grid, h, w)
-        acc = grid.new_zeros(d, b)
+        onednn = fused_kernels_usable(grid, self.windows[0].weight)
+        acc = 0 if onednn else grid.new_zeros(d, b)
         for window, s in zip(self.windows, self.scales):
-            tiles = tile_sum(grid, s).permute(3, 1, 2, 0).reshape(d * s * s, b)
-            acc = torch.addmm(acc, window.weight.reshape(d, d * s * s), tiles, alpha=1 / window_count(h, w, s))
+            weight, count = window.weight.reshape(d, d * s * s), window_count(h, w, s)
+            if onednn:
+                tiles = tile_sum(grid, s).div_(count).permute(0, 3, 1, 2).reshape(b, d * s * s)
+                acc = acc + linear_onednn(tiles, (weight, None))
+            else:
+                tiles = tile_sum(grid, s).permute(3, 1, 2, 0).reshape(d * s * s, b)
+                acc = torch.addmm(acc, weight, tiles, alpha=1 / count)
         bias = torch.stack([window.bias for window in self.windows]).sum(0)
-        return (acc.t() + bias) / len(self.scales)
-
-    def _dense_context_onednn(self, grid: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        # Inference on CPU: oneDNN's tiles [B, K] @ weight.T reads the weight at memory speed, about
-        # 1.6x faster than the addmm above at B = 8 (which has the derivative training needs).
-        b, d = grid.shape[0], grid.shape[3]
-        acc = 0
-        for window, s in zip(self.windows, self.scales):
-            tiles = tile_sum(grid, s).div_(window_count(h, w, s)).permute(0, 3, 1, 2).reshape(b, d * s * s)
-            acc = acc + linear_onednn(tiles, (window.weight.reshape(d, d * s * s), None))
-        bias = torch.stack([window.bias for window in self.windows]).sum(0)
-        return (acc + bias) / len(self.scales)
+        return ((acc if onednn else acc.t()) + bias) / len(self.scales)
 
     def _depthwise_context(self, patches: torch.Tensor, h: int, w: int) -> torch.Tensor:
         # The weights are small, the grid large: spread each window's weights over the grid instead (each
