@@ -36,7 +36,7 @@ MARKET = {
 }
 
 
-@pytest.mark.parametrize("name", ["market1501", "dukemtmc", "occ_duke"])
+@pytest.mark.parametrize("name", ["market1501", "dukemtmc", "occ_duke", "folder"])
 def test_market_layouts(tmp_path, name):
     root = _market_tree(tmp_path / "set", MARKET)
     ds = load_dataset(name, root)
@@ -70,6 +70,8 @@ def test_market_malformed(tmp_path):
     with pytest.raises(InputError, match="cameras 1-6"):
         load_dataset("market1501", root)
     assert load_dataset("dukemtmc", root).query[0].camid == 6     # Duke has 8 cameras
+    root = _market_tree(tmp_path / "d", {**MARKET, "query": ["0001_c12s1_001051_00.jpg"]})
+    assert load_dataset("folder", root).query[0].camid == 11       # a generic tree: any camera
     root = _market_tree(tmp_path / "c", {**MARKET, "query": ["person1.jpg"]})
     with pytest.raises(InputError, match="person1.jpg"):
         load_dataset("market1501", root)

@@ -123,12 +123,15 @@ _LAYOUTS = {
                     "image_train/, image_query/, image_test/ (optionally keypoint_train.txt, keypoint_test.txt)"),
     "rgbnt201": _Layout("RGBNT201", ("RGBNT201", "rgbnt201"), "train_171",
                         "train_171/{RGB,NI,TI}/, test/{RGB,NI,TI}/"),
+    "folder": _Layout("Market-1501-named", (), "bounding_box_train",
+                      "bounding_box_train/, query/, bounding_box_test/ of '<id>_c<camera>...' crops"),
 }
 
 DATASETS = tuple(_LAYOUTS)
 
 # cameras as numbered in each data set's file names (1-based), as the originals assert them
-_MAX_CAMERA = {"market1501": 6, "dukemtmc": 8, "occ_duke": 8, "msmt17": 15, "veri": 20, "rgbnt201": 4}
+_MAX_CAMERA = {"market1501": 6, "dukemtmc": 8, "occ_duke": 8, "msmt17": 15, "veri": 20, "rgbnt201": 4,
+               "folder": 10**6}
 
 # RGBNT201's modality folders, by the names the multi-modal models take
 _RGBNT_FOLDERS = {"rgb": "RGB", "nir": "NI", "tir": "TI"}
@@ -147,9 +150,9 @@ def _dataset_dir(name: str, root: Path) -> Path:
             return root / folder
     if not root.is_dir():
         raise InputError(f"{layout.title} root {str(root)!r} does not exist or is not a directory")
+    inside = " or ".join(repr(str(root / f)) for f in layout.folder_names)
     raise InputError(f"{str(root)!r} is not a {layout.title} folder: expected {str(root / layout.marker)!r} "
-                     f"({layout.title} layout: {layout.expected}), or that layout inside "
-                     f"{' or '.join(repr(str(root / f)) for f in layout.folder_names)}")
+                     f"({layout.title} layout: {layout.expected})" + (f", or that layout inside {inside}" if inside else ""))
 
 
 def _require_dir(path: Path, layout: _Layout) -> Path:
@@ -299,6 +302,7 @@ _READERS: dict[str, Callable[[Path], tuple[list, list, list]]] = {
     "market1501": lambda base: _market_like("market1501", base),
     "dukemtmc": lambda base: _market_like("dukemtmc", base),
     "occ_duke": lambda base: _market_like("occ_duke", base),
+    "folder": lambda base: _market_like("folder", base),
     "msmt17": _msmt17,
     "veri": _veri,
     "rgbnt201": _rgbnt201,
@@ -308,7 +312,8 @@ _READERS: dict[str, Callable[[Path], tuple[list, list, list]]] = {
 def load_dataset(name: str, root: str | Path) -> ReidDataset:
     """Read data set ``name`` (one of :data:`DATASETS`) from its published folder layout under ``root``.
 
-    Layouts (the data set's folder):
+    Layouts (the data set's folder; ``"folder"`` is any tree in Market-1501's layout and naming, with
+    any number of cameras):
 
     - ``market1501``, ``dukemtmc``, ``occ_duke``: ``bounding_box_train/``, ``query/``, ``bounding_box_test/``
       of ``<id>_c<camera>...`` crops.
