@@ -238,8 +238,9 @@ def _veri_views(base: Path) -> dict[str, int] | None:
 def _veri(base: Path) -> tuple[list, list, list]:
     layout = _LAYOUTS["veri"]
     views = _veri_views(base)
-    return tuple(_named_folder("veri", _require_dir(base / sub, layout), views)
-                 for sub in ("image_train", "image_query", "image_test"))
+    train, query, gallery = (_named_folder("veri", _require_dir(base / sub, layout), views)
+                             for sub in ("image_train", "image_query", "image_test"))
+    return train, query, gallery
 
 
 def _msmt_list(base: Path, folder: str, list_name: str) -> list[ReidSample]:
@@ -247,7 +248,7 @@ def _msmt_list(base: Path, folder: str, list_name: str) -> list[ReidSample]:
     if not list_file.is_file():
         raise InputError(f"MSMT17: expected the list file {str(list_file)!r} (MSMT17 layout: {_LAYOUTS['msmt17'].expected})")
     image_dir = _require_dir(base / folder, _LAYOUTS["msmt17"])
-    samples = []
+    samples, first = [], None
     for number, line in enumerate(list_file.read_text().splitlines(), 1):
         fields = line.split()
         if not fields:
@@ -260,11 +261,13 @@ def _msmt_list(base: Path, folder: str, list_name: str) -> list[ReidSample]:
         pid = int(fields[1])
         if pid == JUNK_PID:
             continue
-        samples.append(ReidSample(image_dir / fields[0], pid, _check_camera("msmt17", int(found.group(1)), where), 0))
-    if not samples:
+        path = image_dir / fields[0]
+        first = first or path
+        samples.append(ReidSample(path, pid, _check_camera("msmt17", int(found.group(1)), where), 0))
+    if first is None:
         raise InputError(f"MSMT17: the list file {str(list_file)!r} names no images")
-    if not samples[0].path.is_file():
-        raise InputError(f"MSMT17: {list_file} names {str(samples[0].path)!r}, which does not exist; the lists "
+    if not first.is_file():
+        raise InputError(f"MSMT17: {list_file} names {str(first)!r}, which does not exist; the lists "
                          f"give paths relative to {str(image_dir)!r}")
     return samples
 
