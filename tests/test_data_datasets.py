@@ -72,6 +72,12 @@ def test_market_malformed(tmp_path):
     assert load_dataset("dukemtmc", root).query[0].camid == 6     # Duke has 8 cameras
     root = _market_tree(tmp_path / "d", {**MARKET, "query": ["0001_c12s1_001051_00.jpg"]})
     assert load_dataset("folder", root).query[0].camid == 11       # a generic tree: any camera
+    root = _market_tree(tmp_path / "e", {**MARKET, "query": ["0001_c0s1_001051_00.jpg"]})
+    with pytest.raises(InputError, match="start at 1"):
+        load_dataset("folder", root)
+    root = _market_tree(tmp_path / "f", {**MARKET, "query": ["-1_c1s1_001051_00.jpg"]})
+    with pytest.raises(InputError, match="no usable image"):
+        load_dataset("market1501", root)
     root = _market_tree(tmp_path / "c", {**MARKET, "query": ["person1.jpg"]})
     with pytest.raises(InputError, match="person1.jpg"):
         load_dataset("market1501", root)

@@ -130,8 +130,7 @@ _LAYOUTS = {
 DATASETS = tuple(_LAYOUTS)
 
 # cameras as numbered in each data set's file names (1-based), as the originals assert them
-_MAX_CAMERA = {"market1501": 6, "dukemtmc": 8, "occ_duke": 8, "msmt17": 15, "veri": 20, "rgbnt201": 4,
-               "folder": 10**6}
+_MAX_CAMERA = {"market1501": 6, "dukemtmc": 8, "occ_duke": 8, "msmt17": 15, "veri": 20, "rgbnt201": 4}
 
 # RGBNT201's modality folders, by the names the multi-modal models take
 _RGBNT_FOLDERS = {"rgb": "RGB", "nir": "NI", "tir": "TI"}
@@ -163,8 +162,10 @@ def _require_dir(path: Path, layout: _Layout) -> Path:
 
 def _check_camera(name: str, camera: int, where: str) -> int:
     """The 0-based camera of a 1-based camera number, checked against the data set's cameras."""
-    top = _MAX_CAMERA[name]
-    if not 1 <= camera <= top:
+    top = _MAX_CAMERA.get(name)
+    if camera < 1:
+        raise InputError(f"{where}: camera numbers in file names start at 1, got {camera}")
+    if top is not None and camera > top:
         raise InputError(f"{where}: camera {camera} is outside {_LAYOUTS[name].title}'s cameras 1-{top}; "
                          f"is this the right data set?")
     return camera - 1
@@ -199,7 +200,8 @@ def _named_folder(name: str, folder: Path, views: Mapping[str, int] | None = Non
         log.warning("%s: %d images in %s have no viewpoint in the keypoint files and were left out",
                     _LAYOUTS[name].title, unviewed, folder)
     if not samples:
-        raise InputError(f"{str(folder)!r} holds only junk images (person {JUNK_PID})")
+        raise InputError(f"{str(folder)!r} holds no usable image: all are junk (person {JUNK_PID})"
+                         + (" or have no viewpoint in the keypoint files" if unviewed else ""))
     return samples
 
 
