@@ -44,7 +44,7 @@ class LoadReport:
         lines += [f"  resized {k}: {list(a)} -> {list(b)}" for k, (a, b) in self.resized.items()]
         lines += [f"  kept initialisation: {k} (not in the file)" for k in self.kept_init]
         if self.ignored:
-            lines.append(f"  ignored: {_shortlist(list(self.ignored))}")
+            lines.append(f"  ignored: {_shortlist([f'{k} ({why})' for k, why in self.ignored.items()])}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
