@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 
 MIB = 1 << 20
+VIT = dict(img_size=(64, 32), patch_size=16, stride_size=16, embed_dim=32, depth=2, num_heads=4)
+CLIP = dict(img_size=(64, 32), patch_size=8, stride_size=8, width=64, layers=2, heads=4, output_dim=32)
+BOMB = 256 * MIB
 
 
 # -- TorchScript archives written opcode by opcode (torch.jit.save cannot write what an attacker writes) -------
@@ -90,6 +93,54 @@ def deep_key_pickle(path: Path, depth: int) -> Path:
                 raw = raw[:at] + _op("x") + b"\x85" * depth + _op(1) + b"s" + raw[at:]
             zout.writestr(info, raw)
     return path
+
+
+def zero_view(*shape: int) -> torch.Tensor:
+    """One stored float viewed as ``shape`` with stride 0: a few bytes on disk, any size declared."""
+    return torch.zeros(1).expand(*shape)
+
+
+def _small_archive(tmp, name):
+    record = ts_record({"visual": ts_record({"class_embedding": ts_tensor("0", 64, (64,), (1,))})})
+    return ts_archive(tmp / name, record, {"0": bytes(256)})
+
+
+def hostile_cases(tmp: Path) -> dict[str, tuple[str, Path, str]]:
+    """Write the hostile files under ``tmp``: name -> (probe target, path, what the refusal must say)."""
+    vit, clip = "vit:" + json.dumps(VIT), "clip:" + json.dumps(CLIP)
+    pos_ts = ts_record({"visual": ts_record({
+        "class_embedding": ts_tensor("0", 64, (64,), (1,)),
+        "positional_embedding": ts_tensor("0", 64, (33, 1 << 26), (0, 0)),
+    })})
+    google = {"embedding/kernel": zero_view(16, 16, 3, 1 << 22), "embedding/bias": torch.zeros(32), "cls": torch.zeros(1, 1, 32)}
+    deep = ts_nested(2000, ts_record({"w": ts_tensor("0", 4, (4,), (1,))}))
+    torch.save({"pos_embed": torch.zeros(1, 9, 32)}, tmp / "small.pth")
+    return {
+        "pos_embed 2^26 columns, stride 0": (vit, torch_file(tmp / "p26.pth", {"pos_embed": zero_view(1, 9, 1 << 26)}), "pos_embed"),
+        "pos_embed 2^34 columns, stride 0": (vit, torch_file(tmp / "p34.pth", {"pos_embed": zero_view(1, 9, 1 << 34)}), "pos_embed"),
+        "pos_embed 8192x8192 grid of the model's width, stride 0": (
+            vit, torch_file(tmp / "grid.pth", {"pos_embed": zero_view(1, 1 + (1 << 26), 32)}), "pos_embed"),
+        "positional_embedding 8192x8192 grid of the model's width, stride 0": (clip, torch_file(tmp / "cgrid.pth", {
+            "class_embedding": torch.zeros(64), "positional_embedding": zero_view(1 + (1 << 26), 64)}),
+            "positional_embedding"),
+        "positional_embedding 2^26 columns (.pth)": (clip, torch_file(tmp / "c26.pth", {
+            "class_embedding": torch.zeros(64), "positional_embedding": zero_view(33, 1 << 26)}), "positional_embedding"),
+        "positional_embedding 2^26 columns (TorchScript)": (
+            clip, ts_archive(tmp / "c26.pt", pos_ts, {"0": bytes(256)}), "positional_embedding"),
+        "Google keys in a .pth, stride 0": (vit, torch_file(tmp / "g.pth", google), "embedding/kernel"),
+        "TorchScript member inflating to 256 MiB": (
+            clip, deflated_zeros_member(_small_archive(tmp, "ts.pt"), tmp / "tsbomb.pt", "data/0", BOMB), "bomb"),
+        "torch.save member inflating to 256 MiB": (
+            vit, deflated_zeros_member(tmp / "small.pth", tmp / "bomb.pth", "data/0", BOMB), "bomb"),
+        "2000 nested TorchScript records": (clip, ts_archive(tmp / "deep.pt", deep, {"0": bytes(16)}), "nest deeper"),
+        "tuple key nested 1e5 deep": (vit, deep_key_pickle(tmp / "key.pth", 100_000), "tuple key"),
+        "sparse tensor": (vit, torch_file(tmp / "sparse.pth", {"pos_embed": torch.zeros(9, 32).to_sparse()}), "sparse"),
+        "meta tensor": (vit, torch_file(tmp / "meta.pth", {"pos_embed": torch.empty(1, 9, 32, device="meta")}), "meta"),
+        "float4 tensor": (vit, torch_file(tmp / "f4.pth", {"pos_embed": torch.empty(1, 9, 32, dtype=torch.float4_e2m1fn_x2)}),
+                          "float4"),
+        "through build(pretrained=)": ("build:vit_b16|" + json.dumps(VIT), tmp / "p34.pth", "pos_embed"),
+    }
+
 
 
 # -- the probe --------------------------------------------------------------------------------------------------
