@@ -38,7 +38,7 @@ _MAX_RATIO = 100
 _RATIO_FLOOR = 16 << 20
 
 
-def _check_members(zf: zipfile.ZipFile, path: str, budget: Optional[int]) -> None:
+def check_members(zf: zipfile.ZipFile, path: str, budget: Optional[int]) -> None:
     """Refuse an archive from its central directory alone, before any member is inflated."""
     size = os.path.getsize(path)
     inflated = 0
@@ -75,7 +75,7 @@ def sniff_format(path: str, budget: Optional[int] = None) -> str:
         try:
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()
-                _check_members(zf, path, budget)
+                check_members(zf, path, budget)
                 # torch.load does not check the members' CRC-32, so a flipped byte in a tensor would load
                 # as a silently different weight: check every member once here.
                 bad = zf.testzip()
