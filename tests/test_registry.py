@@ -220,3 +220,28 @@ def test_a_saved_model_loads_by_name_in_the_cli(tmp_path):
         feats[run] = np.load(tmp_path / f"{run}.npz")["feats"]
     assert np.array_equal(feats["seed0"], feats["seed1"])
     assert not np.allclose(feats["seed0"], feats["random"])
+
+
+def test_load_multimodal_weights_lives_in_weights_which_imports_no_model(tmp_path):
+    import ast
+    from pathlib import Path
+
+    import reid_ms.weights
+    from reid_ms.weights.multimodal import load_multimodal_weights
+
+    assert reid_ms.load_multimodal_weights is load_multimodal_weights
+    for source in Path(reid_ms.weights.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith(("reid_ms.model", "reid_ms.registry")), source.name
+    model = build("clip_b16_ms_rgbnt", **_tiny_build_args("clip_b16_ms_rgbnt"))
+    source = _randomised(reid_ms.ClipVisual(**{**TINY_CLIP, "layers": 2, "camera_num": 3}), seed=4)
+    path = tmp_path / "clip.pth"
+    torch.save(source.state_dict(), path)
+    neck_before = {k: v.clone() for k, v in model.neck.state_dict().items()}
+    report = load_multimodal_weights(model, path)
+    assert all(torch.equal(model.backbone.state_dict()[k], v) for k, v in source.state_dict().items())
+    assert all(torch.equal(model.neck.state_dict()[k], v) for k, v in neck_before.items())
+    assert {f"neck.{k}" for k in neck_before} <= set(report.kept_init)
+    with pytest.raises(ConfigError, match="VitTrans or ClipVisual backbone"):
+        load_multimodal_weights(torch.nn.Linear(2, 2), path)
