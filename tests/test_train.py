@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
+
+from _helpers_dist import free_port, join_gloo, spawn
 
 import reid_ms
 from reid_ms.cli import main
@@ -180,12 +183,21 @@ def test_hooks_add_their_loss_and_are_checkpointed(market, tmp_path):
     assert torch.load(hooked.checkpoint, weights_only=True)["hooks"] == [{"value": 0.5, "started": 1}]
 
 
+def test_grad_checkpointing_trains_the_same_weights(market, tmp_path):
+    plain = _tiny_train(market, tmp_path / "plain", epochs=1)
+    checkpointed = _tiny_train(market, tmp_path / "ckpt", epochs=1, grad_checkpointing=True)
+    assert checkpointed.model.backbone.grad_checkpointing and not plain.model.backbone.grad_checkpointing
+    for (key, a), b in zip(plain.model.state_dict().items(), checkpointed.model.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
 def test_clipreid_recipe_uses_adam_and_the_warmup_multistep_lr(market, tmp_path):
     result = _tiny_train(market, tmp_path, recipe="clipreid", epochs=1, overrides={
         **{k: v for k, v in TINY.items() if k != "img_size"}, "milestones": (1,)})
     state = torch.load(result.checkpoint, weights_only=True)
     groups = state["optimizer"]["param_groups"]
     assert all("betas" in g for g in groups)                                  # Adam
+    assert "camera_num" not in state["config"]["build"]                      # vit_clipreid.yml: no SIE
     assert sorted({g["weight_decay"] for g in groups}) == [1e-4]
     # CLIP-ReID's WarmupMultiStepLR at epoch 1 of 10 linear warm-up epochs from 0.1, after milestone 1:
     # 5e-6 * (0.1 * (1 - 1/10) + 1/10) * 0.1
@@ -254,3 +266,22 @@ def test_cli_amp_on_cpu_exits_with_status_2(market, tmp_path, capsys):
             "--device", "cpu", "--amp", "fp16"]
     assert main(argv) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def _ddp_worker(rank: int, world: int, port: int, market: str, out: str) -> None:
+    join_gloo(rank, world, port, timeout_s=60)
+    result = _tiny_train(Path(market), Path(out) / "run", epochs=1)
+    torch.save({"state": result.model.state_dict(),
+                "synced": type(result.model.head.bottleneck).__name__}, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_train_one_model(market, tmp_path):
+    spawn(_ddp_worker, (2, free_port(), str(market), str(tmp_path)), nprocs=2, timeout=120)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [r["synced"] for r in ranks] == ["SyncBatchNorm", "SyncBatchNorm"]
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert saved["config"]["world_size"] == 2 and saved["epoch"] == 1
+    for key, value in saved["model"].items():
+        # DDP averaged the gradients and SyncBatchNorm the BNNeck's statistics: one model on both ranks
+        assert torch.equal(ranks[0]["state"][key], value) and torch.equal(ranks[1]["state"][key], value), key

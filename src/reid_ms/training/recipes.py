@@ -175,11 +175,12 @@ CLIPREID = Recipe(
     # CLIP-ReID's stage 2 (configs/person/vit_clipreid.yml, SOLVER.STAGE2): Adam 5e-6, 60 epochs of
     # WarmupMultiStepLR (steps 30/50, gamma 0.1, 10 linear warm-up epochs from 0.1), the label-smoothed
     # ID loss weighted 0.25 and the triplet loss with margin 0.3 (SOLVER.MARGIN). The image-to-text loss
-    # and stage 1 belong to the text side and plug in as hooks.
+    # and stage 1 belong to the text side and plug in as hooks. That config leaves SIE off (its
+    # "+SIE+OLP" variant sets camera_embedding=True and stride_size=12).
     name="clipreid", epochs=60, batch_size=64, num_instances=4, optimizer="adam", lr=5e-6,
     weight_decay=1e-4, weight_decay_bias=1e-4, bias_lr_factor=2.0, scheduler="warmup_multistep",
     milestones=(30, 50), gamma=0.1, warmup_factor=0.1, warmup_iters=10,
-    id_weight=0.25, triplet_weight=1.0, label_smoothing=0.1, margin=0.3,
+    id_weight=0.25, triplet_weight=1.0, label_smoothing=0.1, margin=0.3, camera_embedding=False,
 )
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (TRANSREID, CLIPREID)}
