@@ -109,10 +109,13 @@ def test_build_pretrained_reads_last_pt(cli_run):
 def test_run_folder_is_not_overwritten_and_resume_checks_settings(cli_run, market):
     with pytest.raises(ConfigError, match="resume"):
         _tiny_train(market, cli_run, name="vit_b16_ms", epochs=2)
+    same = {**{k: v for k, v in TINY.items() if k != "img_size"}, "lr": 0.01, "warmup_epochs": 2, "scales": (2, 4)}
     with pytest.raises(ConfigError, match="recipe.lr: 0.01 -> 0.02"):
-        _tiny_train(market, cli_run, name="vit_b16_ms", epochs=2, resume=True,
-                    overrides={**{k: v for k, v in TINY.items() if k != "img_size"}, "lr": 0.02, "warmup_epochs": 2,
-                               "scales": (2, 4)})
+        _tiny_train(market, cli_run, name="vit_b16_ms", epochs=2, resume=True, overrides={**same, "lr": 0.02})
+    # the same settings (evaluation may differ): the finished run is returned as it is
+    before = (cli_run / "last.pt").stat().st_mtime_ns
+    done = _tiny_train(market, cli_run, name="vit_b16_ms", epochs=2, resume=True, overrides=same, eval_every=0)
+    assert [r["epoch"] for r in done.history] == [1, 2] and (cli_run / "last.pt").stat().st_mtime_ns == before
 
 
 def test_damaged_checkpoint_is_a_checkpoint_error(market, tmp_path):
