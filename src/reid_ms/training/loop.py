@@ -54,7 +54,7 @@ CHECKPOINT, CONFIG, METRICS, CURVES = "last.pt", "config.json", "metrics.jsonl",
 # Settings a resumed run may change: where things are and how they are shown. Everything else in
 # config.json must match the checkpoint's. (Another worker count changes which worker draws which
 # augmentation: the run continues correctly, but is no longer bit-identical to an uninterrupted one.)
-RESUMABLE = ("root", "out", "workers", "eval_every", "recipe.eval_every", "eval_first", "device", "progress")
+RESUMABLE = ("root", "out", "workers", "recipe.eval_every", "eval_first", "device", "progress")
 
 
 @dataclass
@@ -287,7 +287,7 @@ class _Run:
             "build": {k: list(v) if isinstance(v, tuple) else v for k, v in self.build_args.items()},
             "num_classes": self.data.num_train_pids, "recipe": recipe.settings(), "seed": seed,
             "world_size": world, "amp": amp, "grad_checkpointing": grad_checkpointing, "workers": workers,
-            "eval_every": recipe.eval_every, "eval_first": eval_first, "device": str(device),
+            "eval_first": eval_first, "device": str(device),
             "progress": progress, "img_size": list(model.backbone.img_size),
         }
         if state is not None:
