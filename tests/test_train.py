@@ -288,3 +288,18 @@ def test_ddp_two_processes_train_one_model(market, tmp_path):
     for key, value in saved["model"].items():
         # DDP averaged the gradients and SyncBatchNorm the BNNeck's statistics: one model on both ranks
         assert torch.equal(ranks[0]["state"][key], value) and torch.equal(ranks[1]["state"][key], value), key
+
+
+def test_curves_without_matplotlib_log_once_and_write_nothing(tmp_path, monkeypatch, caplog):
+    from reid_ms.training import curves
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)       # import fails as if not installed
+    monkeypatch.setattr(curves, "_warned", False)
+    rows = [{"epoch": 1, "loss": 2.0, "lr": 0.01, "mAP": 0.5, "rank1": 0.6}]
+    with caplog.at_level("INFO", logger="reid_ms.training"):
+        assert curves.plot_curves(tmp_path / "curves.png", rows) is False
+        assert curves.plot_curves(tmp_path / "curves.png", rows) is False
+    assert [r.message for r in caplog.records if "matplotlib" in r.message] == [
+        "matplotlib is not installed: curves.png is not drawn (pip install matplotlib); metrics.jsonl holds the "
+        "same numbers"]
+    assert not (tmp_path / "curves.png").exists()
