@@ -33,6 +33,7 @@ from reid_ms.weights.clip import load_clip_weights
 from reid_ms.weights.jpm import load_jpm_weights
 from reid_ms.weights.multimodal import load_multimodal_weights
 from reid_ms.weights.vit import load_vit_weights
+from reid_ms import training  # after the registry: training runs build() and the data readers
 
 __version__ = "0.1.0"
 
