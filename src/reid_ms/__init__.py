@@ -7,6 +7,7 @@ and any grid; ``build(name)`` assembles named backbone + neck + head models.
 
 from reid_ms import metrics
 from reid_ms.backbones.clip import ClipVisual
+from reid_ms.backbones.clip_text import ClipText, PromptLearner
 from reid_ms.backbones.vit import VitTrans
 from reid_ms.errors import (
     CheckpointError,
@@ -49,4 +50,6 @@ __all__ = [
     # errors
     "ReidMsError", "ConfigError", "InputError", "CheckpointError", "CheckpointNotFoundError",
     "UnsafeCheckpointError",
+    # CLIP-ReID's text side
+    "ClipText", "PromptLearner",
 ]
