@@ -136,12 +136,20 @@ def _check_prompts(prompts: dict[str, torch.Tensor], model: PromptLearner, repor
                               f"{ctx.shape[1]} vectors each, but the PromptLearner has num_classes="
                               f"{model.num_classes}, n_ctx={model.n_ctx}; build PromptLearner(text, num_classes="
                               f"{ctx.shape[0]}, n_ctx={ctx.shape[1]}) to use them")
+    wrong_template = (f"build the PromptLearner with the template the prompts were learned with (its "
+                      f"template {model.template!r} does not fit them)")
     for name, t in (("token_prefix", prefix), ("token_suffix", suffix)):
         want = tuple(getattr(model, name).shape)
         if tuple(t.shape) != want:
             raise CheckpointError(f"{report.path!r} ({report.kind}): {name} has shape {list(t.shape)} but the "
-                                  f"PromptLearner's template {model.template!r} gives {list(want)}; build it with "
-                                  f"the template the prompts were learned with")
+                                  f"PromptLearner's is {list(want)}; {wrong_template}")
+    # The suffix's rows after the end-of-text token embed the padding id, all the same vector: a template whose
+    # end-of-text falls elsewhere would read the feature at the wrong token.
+    eot = int(model.token_ids[0].argmax()) - model.prefix_len - model.n_ctx
+    padding = suffix[0, eot + 1:]
+    if len(padding) and (not bool((padding == padding[0]).all()) or torch.equal(suffix[0, eot], padding[0])):
+        raise CheckpointError(f"{report.path!r} ({report.kind}): the stored template's end-of-text token is not "
+                              f"where the PromptLearner's is; {wrong_template}")
 
 
 def clip_text_checkpoint_filter(
