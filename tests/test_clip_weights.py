@@ -230,8 +230,8 @@ def test_unknown_content_is_an_error_not_a_skip(oc_model, clip_reid_ckpt, tmp_pa
 def test_filter_is_pure_and_loader_wants_a_clip_model(oc_model):
     model = ClipVisual(camera_num=2, **SAME_GRID)
     before = _snapshot(model)
-    state, report = clip_checkpoint_filter(oc_model.state_dict(), model)
-    assert set(state) == set(model.state_dict()) and report.kept_init == ["cv_embed"]
+    state, report, heads = clip_checkpoint_filter(oc_model.state_dict(), model)
+    assert set(state) == set(model.state_dict()) and report.kept_init == ["cv_embed"] and heads == {}
     assert _unchanged(model, before)
     with pytest.raises(ConfigError, match="ClipVisual"):
         load_clip_weights(nn.Linear(2, 2), "unused.pt")

@@ -89,7 +89,7 @@ def test_pretrained_backbone(name, tmp_path):
     model = build(name, pretrained=str(path), **args)
     for key, value in source.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[key], value), key
-    assert set(model.load_report.loaded) == set(source.state_dict())
+    assert set(model.load_report.loaded) == {f"backbone.{k}" for k in source.state_dict()}
     x = images(2)
     model.eval()
     source.eval()

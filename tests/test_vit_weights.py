@@ -250,10 +250,14 @@ def test_filter_is_pure():
     pos = state["pos_embed"].clone()
     model = vit(camera_num=2)
     before = snapshot(model)
-    out, report = vit_checkpoint_filter(state, model, "mem", "state dict")
+    out, report, heads = vit_checkpoint_filter(state, model, "mem", "state dict")
     assert list(state) == keys and torch.equal(state["pos_embed"], pos)
     assert_state_equal(model, before)
-    assert set(out) == set(model.state_dict()) and report.loaded == []
+    assert set(out) == set(model.state_dict()) and report.loaded == [] and heads == {}
+    # a training wrapper and a DDP prefix are the filter's business too, as for the CLIP filter
+    wrapped, _, _ = vit_checkpoint_filter({"model": {f"module.{k}": v for k, v in state.items()}, "epoch": 3},
+                                          model)
+    assert all(torch.equal(wrapped[k], out[k]) for k in out)
 
 
 # -- errors -------------------------------------------------------------------------------------------------------

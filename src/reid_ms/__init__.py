@@ -23,13 +23,13 @@ from reid_ms.heads import BNNeckHead
 from reid_ms.heads.multibranch import MultiBranchBNNeckHead
 from reid_ms.model import ReIDModel
 from reid_ms.models import JPMReIDModel, MultiModalReIDModel
-from reid_ms.models.multimodal import load_multimodal_weights
 from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow
 from reid_ms.necks.jpm import JigsawPatchNeck
 from reid_ms.registry import ModelSpec, build, list_models, register
 from reid_ms.weights._common import LoadReport
 from reid_ms.weights.clip import load_clip_weights
 from reid_ms.weights.jpm import load_jpm_weights
+from reid_ms.weights.multimodal import load_multimodal_weights
 from reid_ms.weights.vit import load_vit_weights
 
 __version__ = "0.1.0"

@@ -26,12 +26,13 @@ from reid_ms.errors import ConfigError
 from reid_ms.heads import BNNeckHead
 from reid_ms.model import ReIDModel
 from reid_ms.models import JPMReIDModel, MultiModalReIDModel
-from reid_ms.models.multimodal import load_multimodal_weights
 from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow
 from reid_ms.weights import load_clip_weights, load_vit_weights
-from reid_ms.weights.jpm import load_jpm_weights
-from reid_ms.weights._common import LoadReport, cast_like
-from reid_ms.weights._io import flatten_state_dict, read_checkpoint
+from reid_ms.weights._common import LoadReport, load_all_or_nothing, memory_budget
+from reid_ms.weights._io import read_checkpoint
+from reid_ms.weights.built import built_model_filter
+from reid_ms.weights.jpm import jpm_checkpoint_filter, load_jpm_weights
+from reid_ms.weights.multimodal import load_multimodal_weights
 
 logger = logging.getLogger("reid_ms.registry")
 
@@ -183,6 +184,9 @@ def build(name: str, pretrained: str | os.PathLike | None = None,
         (``None`` without ``pretrained``).
     """
     spec = get_spec(name)
+    if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
+        raise ConfigError(f"build({name!r}, pretrained={pretrained!r}): pretrained takes the path of a local "
+                          f"checkpoint file (reid_ms downloads nothing), or None for random initialisation")
     routed = _route(name, spec, overrides)
     backbone = spec.backbone(**{**spec.backbone_args, **routed["backbone"]})
     width = backbone.out_dim
@@ -196,59 +200,56 @@ def build(name: str, pretrained: str | os.PathLike | None = None,
         neck = MultiScaleSlidingWindow(width, **{"mode": spec.neck_mode, **routed["neck"]})
     if spec.model is not None:
         model = spec.model(backbone, neck=neck, **routed["model"])
-        model.model_name = name
-        if pretrained is not None:
-            model.load_report = spec.loader(model, pretrained)
-        return model
-    head = BNNeckHead(width, **routed["head"])
-    model = ReIDModel(backbone, neck=neck, head=head, adapter=adapter)
+    else:
+        model = ReIDModel(backbone, neck=neck, head=BNNeckHead(width, **routed["head"]), adapter=adapter)
     model.model_name = name
     if pretrained is not None:
-        report = spec.loader(backbone, pretrained)
-        if spec.head_prefix is not None:
-            _load_head(head, spec, report)
-        model.load_report = report
+        model.load_report = _load_pretrained(model, spec, os.fspath(pretrained))
     return model
 
 
-def _load_head(head: BNNeckHead, spec: ModelSpec, report: LoadReport) -> None:
-    """Fill ``head`` from the trained BNNeck the backbone loader left aside, when it fits exactly."""
+def _load_pretrained(model: nn.Module, spec: ModelSpec, path: str) -> LoadReport:
+    """Read ``path`` once and load it into the whole ``model``, all of it or nothing.
+
+    A saved model of this build loads exactly; a backbone checkpoint fills the backbone and, for a
+    re-ID-trained one, the head where it fits; the rest keeps its initialisation. A loader registered
+    by a user (not one of the library's) is called as it is.
+    """
+    if spec.loader not in (load_vit_weights, load_clip_weights, load_jpm_weights, load_multimodal_weights):
+        return spec.loader(model if spec.model is not None else model.backbone, path)
+    obj, fmt = read_checkpoint(path, memory_budget(model))
+    if spec.loader is load_jpm_weights:
+        state, report = jpm_checkpoint_filter(obj, model, path, fmt)
+    else:
+        fill = None if spec.head_prefix is None else (lambda heads, rep: _head_state(model.head, spec, heads, rep))
+        state, report = built_model_filter(obj, model, path, fmt, fill_head=fill)
+    return load_all_or_nothing(model, state, report)
+
+
+def _head_state(head: BNNeckHead, spec: ModelSpec, heads: dict[str, torch.Tensor],
+                report: LoadReport) -> dict[str, torch.Tensor]:
+    """The model's ``head.*`` keys filled from the trained BNNeck of a re-ID checkpoint, when it fits exactly."""
     prefix = spec.head_prefix
-    ignored_keys = [entry.split(" ", 1)[0] for entry in report.ignored]
-    if not any(k.startswith(prefix) for k in ignored_keys):
-        return
-    obj, _ = read_checkpoint(report.path)
-    tensors, _ = flatten_state_dict(obj, report.path)
-    if tensors and all(k.startswith("module.") for k in tensors):  # saved from DataParallel / DDP
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
     target = head.bottleneck.state_dict()
-    state = {k: tensors[prefix + k] for k in target if prefix + k in tensors}
-    # checkpoints from before BatchNorm counted its batches lack num_batches_tracked; keep ours then
-    state.setdefault("num_batches_tracked", target["num_batches_tracked"])
-    if set(state) != set(target) or any(state[k].shape != target[k].shape for k in target):
+    state = {k: heads[prefix + k] for k in target if prefix + k in heads}
+    # checkpoints from before BatchNorm counted its batches lack num_batches_tracked: ours is kept then
+    needed = [k for k in target if k != "num_batches_tracked"]
+    if not state:
+        return {}
+    if any(k not in state for k in needed) or any(v.shape != target[k].shape for k, v in state.items()):
         logger.info("%s: the trained BNNeck under %r does not fit the %d-wide head; the head keeps its "
                     "initialisation", report.path, prefix, head.feat_dim)
-        return
-    # every tensor is checked (dtype kind, finite) before the first one is copied: all of the head or none
-    checked = cast_like({prefix + k: v for k, v in state.items()}, {prefix + k: v for k, v in target.items()},
-                        report.path, report.kind)
-    weight = tensors.get(spec.classifier_key) if spec.classifier_key else None
-    use_classifier = (head.classifier is not None and weight is not None
-                      and weight.shape == head.classifier.weight.shape)
-    if use_classifier:
-        weight = cast_like({spec.classifier_key: weight}, {spec.classifier_key: head.classifier.weight},
-                           report.path, report.kind)[spec.classifier_key]
-    head.bottleneck.load_state_dict({k: checked[prefix + k] for k in target})
-    used = [prefix + k for k in target if prefix + k in tensors]
-    loaded = [f"head.bottleneck.{k}" for k in target if prefix + k in tensors]
-    if use_classifier:
-        with torch.no_grad():
-            head.classifier.weight.copy_(weight)
+        return {}
+    out = {f"head.bottleneck.{k}": v for k, v in state.items()}
+    used = [prefix + k for k in target if prefix + k in heads]
+    weight = heads.get(spec.classifier_key) if spec.classifier_key else None
+    if head.classifier is not None and weight is not None and weight.shape == head.classifier.weight.shape:
+        out["head.classifier.weight"] = weight
         used.append(spec.classifier_key)
-        loaded.append("head.classifier.weight")
-    report.loaded += loaded
-    report.ignored = [entry for entry, key in zip(report.ignored, ignored_keys) if key not in used]
-    logger.info("%s: loaded the trained head from %s", report.path, ", ".join(used))
+    for k in used:
+        report.ignored.pop(k, None)
+    logger.info("%s: the head is filled from the trained %s", report.path, ", ".join(used))
+    return out
 
 
 @register("vit_b16")

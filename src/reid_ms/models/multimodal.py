@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
@@ -10,14 +9,10 @@ import torch
 from torch import nn
 
 from reid_ms.backbones._common import Label
-from reid_ms.backbones.clip import ClipVisual
-from reid_ms.backbones.vit import VitTrans
 from reid_ms.errors import ConfigError, InputError
 from reid_ms.heads import BNNeckHead
 from reid_ms.model import BuiltModel
 from reid_ms.necks.multiscale import MultiScaleSlidingWindow
-from reid_ms.weights import load_clip_weights, load_vit_weights
-from reid_ms.weights._common import LoadReport
 
 MODALITIES = ("rgb", "nir", "tir")
 MISSING = ("error", "zeros")
@@ -136,18 +131,3 @@ class MultiModalReIDModel(BuiltModel):
     ) -> torch.Tensor | tuple[Optional[torch.Tensor], torch.Tensor]:
         """Eval: the embedding ``[B, feat_dim]``; train: ``(logits or None, feature [B, feat_dim])``."""
         return self.head(self.forward_features(inputs, cam_label, view_label))
-
-
-def load_multimodal_weights(model: MultiModalReIDModel, path: str | os.PathLike) -> LoadReport:
-    """Load a backbone checkpoint into the shared backbone of ``model`` with the loader that fits it.
-
-    :func:`~reid_ms.load_vit_weights` for a :class:`~reid_ms.VitTrans`, :func:`~reid_ms.load_clip_weights`
-    for a :class:`~reid_ms.ClipVisual`; the neck and the head keep their initialisation.
-    """
-    backbone = getattr(model, "backbone", None)
-    if isinstance(backbone, VitTrans):
-        return load_vit_weights(backbone, path)
-    if isinstance(backbone, ClipVisual):
-        return load_clip_weights(backbone, path)
-    raise ConfigError(f"load_multimodal_weights loads a MultiModalReIDModel with a VitTrans or ClipVisual "
-                      f"backbone, got {type(model).__name__} with {type(backbone).__name__}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import logging
 import math
 from dataclasses import dataclass, field
@@ -22,9 +23,10 @@ class LoadReport:
     Attributes:
         path: the file that was read.
         format: its container (``torch.save``, ``npz``, ``safetensors``, ``torchscript``).
-        kind: the checkpoint family recognised from its keys (``imagenet``, ``deit``, ``transreid``, ...).
+        kind: the checkpoint family recognised from its keys (``imagenet``, ``deit``, ``transreid``,
+            ``reid_ms`` for a model saved by this library, ...).
         loaded: model keys filled from the file.
-        ignored: file keys not used, each with the reason (classifier heads, text tower, ...).
+        ignored: file keys not used, each mapped to the reason (classifier head, text tower, ...).
         resized: model keys whose tensor was resized, with ``(old_shape, new_shape)``.
         kept_init: model keys the file lacks that keep their initialisation (the camera/view table).
     """
@@ -33,7 +35,7 @@ class LoadReport:
     format: str
     kind: str
     loaded: list[str] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
+    ignored: dict[str, str] = field(default_factory=dict)
     resized: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     kept_init: list[str] = field(default_factory=list)
 
@@ -42,9 +44,60 @@ class LoadReport:
         lines += [f"  resized {k}: {list(a)} -> {list(b)}" for k, (a, b) in self.resized.items()]
         lines += [f"  kept initialisation: {k} (not in the file)" for k in self.kept_init]
         if self.ignored:
-            shown = ", ".join(self.ignored[:8]) + (f", ... ({len(self.ignored)} in all)" if len(self.ignored) > 8 else "")
-            lines.append(f"  ignored: {shown}")
+            lines.append(f"  ignored: {_shortlist(list(self.ignored))}")
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"LoadReport(kind={self.kind!r}, format={self.format!r}, loaded={len(self.loaded)}, "
+                f"ignored={len(self.ignored)}, resized={list(self.resized)}, kept_init={self.kept_init}, "
+                f"path={self.path!r})")
+
+    def _repr_html_(self) -> str:
+        # a notebook cell shows a summary table, not every key
+        rows = [("file", self.path), ("checkpoint", f"{self.kind} ({self.format})"),
+                ("loaded", f"{len(self.loaded)} tensors")]
+        rows += [("resized", f"{k}: {list(a)} &rarr; {list(b)}") for k, (a, b) in self.resized.items()]
+        if self.kept_init:
+            rows.append(("kept initialisation", _shortlist(self.kept_init)))
+        if self.ignored:
+            rows.append(("ignored", _shortlist(list(self.ignored))))
+        body = "".join(f"<tr><th style='text-align:left'>{html.escape(a)}</th><td>{b if a == 'resized' else html.escape(b)}"
+                       f"</td></tr>" for a, b in rows)
+        return f"<table><caption>LoadReport</caption>{body}</table>"
+
+
+def _shortlist(names: list[str], shown: int = 8) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+# Floor of the memory budget, so tiny models still read the small extras of real files (metadata, heads).
+_BUDGET_SLACK = 1 << 20
+
+
+def memory_budget(model: nn.Module) -> int:
+    """Bytes a load may allocate beyond the model: twice the model's own tensors, plus 1 MiB.
+
+    Every size a file declares (zip members, storages, position tables, converted kernels) is compared
+    with this before anything proportional to it is read or allocated.
+    """
+    own = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return 2 * own + _BUDGET_SLACK
+
+
+def check_declared(tensors: dict[str, torch.Tensor], report: LoadReport, budget: int) -> None:
+    """Refuse ``tensors`` (what a filter will compute with) when their declared fp32 size exceeds ``budget``.
+
+    A small file can declare a huge tensor as a stride-0 view of one element; only the declared shapes
+    tell, and they are read here, before any resize, cast or concatenation materialises a tensor.
+    """
+    total = sum(t.numel() for t in tensors.values()) * 4
+    if total > budget:
+        key = max(tensors, key=lambda k: tensors[k].numel())
+        raise CheckpointError(f"{report.path!r} ({report.kind}): the tensors to load declare {total / 2**20:.0f} MiB "
+                              f"as float32 ({key!r} alone has shape {list(tensors[key].shape)}), more than a "
+                              f"checkpoint for this model can need ({budget / 2**20:.0f} MiB); the file is not for "
+                              f"this model, or is damaged or hostile")
 
 
 def square_side(count: int) -> int | None:

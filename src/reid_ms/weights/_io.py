@@ -14,7 +14,7 @@ import struct
 import zipfile
 import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -27,19 +27,60 @@ FORMAT_SAFETENSORS = "safetensors"
 FORMAT_TORCHSCRIPT = "torchscript"
 
 
-def sniff_format(path: str) -> str:
-    """The container format of ``path``: one of ``FORMAT_*``; a :class:`CheckpointError` otherwise."""
+def _open_error(path: str, e: OSError) -> CheckpointError:
+    return CheckpointError(f"{path!r} cannot be read ({e.strerror or e}); check that the file is readable by "
+                           f"this user and is a regular file on a working disk")
+
+
+# A deflated member inflating more than this many times, past 16 MiB, is a decompression bomb: real
+# weights barely compress (torch.save and torch.jit.save store members uncompressed).
+_MAX_RATIO = 100
+_RATIO_FLOOR = 16 << 20
+
+
+def _check_members(zf: zipfile.ZipFile, path: str, budget: Optional[int]) -> None:
+    """Refuse an archive from its central directory alone, before any member is inflated."""
+    size = os.path.getsize(path)
+    inflated = 0
+    for info in zf.infolist():
+        if info.compress_type == zipfile.ZIP_STORED:
+            if info.file_size != info.compress_size or info.header_offset + info.compress_size > size:
+                raise CheckpointError(f"{path!r}: the archive member {info.filename!r} declares {info.file_size} "
+                                      f"bytes that the file does not hold; the file is damaged or hostile")
+            continue
+        inflated += info.file_size
+        if info.file_size > _RATIO_FLOOR and info.file_size > _MAX_RATIO * max(info.compress_size, 1):
+            raise CheckpointError(f"{path!r}: the archive member {info.filename!r} inflates {info.compress_size} "
+                                  f"bytes to {info.file_size}; refused as a decompression bomb")
+    if budget is not None and inflated > budget:
+        raise CheckpointError(f"{path!r}: its compressed members inflate to {inflated / 2**20:.0f} MiB, more than "
+                              f"a checkpoint for this model can need ({budget / 2**20:.0f} MiB); the file is "
+                              f"not for this model, or is a decompression bomb")
+
+
+def sniff_format(path: str, budget: Optional[int] = None) -> str:
+    """The container format of ``path``: one of ``FORMAT_*``; a :class:`CheckpointError` otherwise.
+
+    ``budget`` bounds, in bytes, what the archive's compressed members may inflate to (see
+    :func:`reid_ms.weights._common.memory_budget`); it is checked before anything is inflated.
+    """
     if not os.path.isfile(path):
         raise CheckpointNotFoundError(f"checkpoint not found: {path!r} does not exist or is not a file")
-    with open(path, "rb") as f:
-        head = f.read(9)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise _open_error(path, e) from e
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         try:
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()
+                _check_members(zf, path, budget)
                 # torch.load does not check the members' CRC-32, so a flipped byte in a tensor would load
                 # as a silently different weight: check every member once here.
                 bad = zf.testzip()
+        except CheckpointError:
+            raise
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError,
                 zlib.error) as e:
             raise CheckpointError(f"{path!r} looks like a zip archive but cannot be opened ({e}); "
@@ -60,9 +101,11 @@ def sniff_format(path: str) -> str:
                           f"TorchScript archive, an .npz or a .safetensors file; it starts with {head[:8]!r})")
 
 
-def _read_torch(path: str) -> Any:
+def _read_torch(path: str, zipped: bool) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: storages stay in the file until a tensor is used, so what a file holds beside the model
+        # (optimizer state, a text tower) costs no memory
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as e:
         msg = str(e)
         if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
@@ -103,26 +146,59 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path!r} is a damaged .safetensors file ({e})") from e
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[Any, str]:
-    """Read ``path`` into Python objects (tensors and plain containers only) and name its format."""
-    path = os.fspath(path)
-    fmt = sniff_format(path)
-    if fmt == FORMAT_NPZ:
-        return _read_npz(path), fmt
-    if fmt == FORMAT_SAFETENSORS:
-        return _read_safetensors(path), fmt
-    if fmt == FORMAT_TORCHSCRIPT:
-        from reid_ms.weights.torchscript import read_torchscript_archive
+def read_checkpoint(path: str | os.PathLike, budget: Optional[int] = None) -> tuple[Any, str]:
+    """Read ``path`` into Python objects (tensors and plain containers only) and name its format.
 
-        return read_torchscript_archive(path), fmt
-    return _read_torch(path), fmt
+    ``budget``: bytes the reader may allocate for what the file declares (``None``: no bound); sizes are
+    compared with it before they are read.
+    """
+    path = os.fspath(path)
+    fmt = sniff_format(path, budget)
+    try:
+        if fmt == FORMAT_NPZ:
+            return _read_npz(path), fmt
+        if fmt == FORMAT_SAFETENSORS:
+            return _read_safetensors(path), fmt
+        if fmt == FORMAT_TORCHSCRIPT:
+            from reid_ms.weights.torchscript import read_torchscript_archive
+
+            return read_torchscript_archive(path, budget), fmt
+        with open(path, "rb") as f:
+            zipped = f.read(2) == b"PK"
+        return _read_torch(path, zipped), fmt
+    except OSError as e:
+        raise _open_error(path, e) from e
 
 
 _WRAPPERS = ("state_dict", "model", "module", "model_state_dict", "net")
 
 
-def flatten_state_dict(obj: Any, path: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Find the tensor mapping inside a checkpoint and return it with the names of what was set aside.
+def key_name(key: Any) -> str:
+    """A file's key for messages: itself when a string, else its type (a deeply nested key has no printable repr)."""
+    return key if isinstance(key, str) else f"<{type(key).__name__} key>"
+
+
+def strip_prefix(state: dict[str, Any], prefix: str = "module.") -> tuple[dict[str, Any], bool]:
+    """``state`` without ``prefix`` when every key has it (``module.``: saved from DataParallel / DDP)."""
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}, True
+    return state, False
+
+
+# What the loaders compute with: dense CPU tensors of the dtypes models hold
+_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16,
+           torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128}
+
+
+def _check_tensor(t: torch.Tensor, key: str, path: str) -> None:
+    if t.layout != torch.strided or t.device.type != "cpu" or t.dtype not in _DTYPES:
+        raise CheckpointError(f"{path!r}: tensor {key!r} is a {t.layout} {t.dtype} tensor on {t.device.type}; "
+                              f"reid_ms reads dense CPU tensors of the usual dtypes. Re-save it with "
+                              f"torch.save({{k: v.to_dense().float() for k, v in state_dict.items()}}, path)")
+
+
+def flatten_state_dict(obj: Any, path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Find the tensor mapping inside a checkpoint and return it with what was set aside (key -> reason).
 
     Training scripts wrap state dicts (``{"model": sd, "epoch": 3}``, ``{"state_dict": sd}``); the wrapper
     whose value is a mapping of tensors is taken and its siblings are reported as ignored. Non-tensor
@@ -131,21 +207,25 @@ def flatten_state_dict(obj: Any, path: str) -> tuple[dict[str, torch.Tensor], li
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path!r} holds a {type(obj).__name__}, not a state dict (a mapping of "
                               f"parameter names to tensors)")
-    ignored: list[str] = []
+    ignored: dict[str, str] = {}
     for _ in range(4):
         if any(isinstance(v, torch.Tensor) for v in obj.values()):
             break
         inner = next((k for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
             break
-        ignored += [f"{k} (wrapper entry)" for k in obj if k != inner]
+        ignored.update({key_name(k): "wrapper entry" for k in obj if k != inner})
         obj = obj[inner]
     tensors: dict[str, torch.Tensor] = {}
     for k, v in obj.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"{path!r}: the state dict has a {key_name(k)}, not a parameter name; the file "
+                                  f"is damaged or not a state dict")
         if isinstance(v, torch.Tensor):
-            tensors[str(k)] = v
+            _check_tensor(v, k, path)
+            tensors[k] = v
         else:
-            ignored.append(f"{k} (not a tensor)")
+            ignored[k] = "not a tensor"
     if not tensors:
-        raise CheckpointError(f"{path!r} holds no tensors (top-level keys: {sorted(map(str, obj))[:10]})")
+        raise CheckpointError(f"{path!r} holds no tensors (top-level keys: {sorted(map(key_name, obj))[:10]})")
     return tensors, ignored

@@ -20,8 +20,15 @@ import torch
 from reid_ms.backbones.clip import ClipVisual
 from reid_ms.backbones.clip_text import ClipText, PromptLearner
 from reid_ms.errors import CheckpointError, ConfigError
-from reid_ms.weights._common import LoadReport, fit_position_grid, fit_side_table, load_all_or_nothing
-from reid_ms.weights._io import flatten_state_dict, read_checkpoint
+from reid_ms.weights._common import (
+    LoadReport,
+    check_declared,
+    fit_position_grid,
+    fit_side_table,
+    load_all_or_nothing,
+    memory_budget,
+)
+from reid_ms.weights._io import flatten_state_dict, read_checkpoint, strip_prefix
 from reid_ms.weights.clip_text import load_clip_text_weights
 
 # Entries of an OpenAI / open_clip model outside ``visual.``: the text tower, the contrastive head and
@@ -39,12 +46,6 @@ _CLIP_REID_HEADS = {
 }
 
 _BLOCK_INDEX = re.compile(r"^transformer\.resblocks\.(\d+)\.")
-
-
-def _strip_prefix(state: dict[str, Any], prefix: str) -> tuple[dict[str, Any], bool]:
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items()}, True
-    return state, False
 
 
 def _is_vit(keys: list[str]) -> bool:
@@ -80,9 +81,10 @@ def _check_architecture(state: dict[str, torch.Tensor], model: ClipVisual, path:
 
 def _adapt_positional_embedding(pos: torch.Tensor, model: ClipVisual, path: str, report: LoadReport) -> torch.Tensor:
     """``[1 + N, width]`` of the file -> ``[1 + H*W, width]`` of the model."""
-    if pos.dim() != 2 or pos.shape[0] < 2:
+    if pos.dim() != 2 or pos.shape[0] < 2 or pos.shape[1] != model.width:
         raise CheckpointError(f"{path!r} ({report.kind}): 'positional_embedding' has shape {list(pos.shape)}, "
-                              f"expected [1 + patches, width]")
+                              f"expected [1 + patches, {model.width}]; build the model with the width the "
+                              f"checkpoint was trained with")
     if not pos.is_floating_point():
         raise CheckpointError(f"{path!r} ({report.kind}): 'positional_embedding' is stored as {pos.dtype}, not "
                               f"floating point; the file is damaged or not a CLIP checkpoint")
@@ -96,33 +98,36 @@ def _adapt_positional_embedding(pos: torch.Tensor, model: ClipVisual, path: str,
 
 def clip_checkpoint_filter(
     checkpoint: Mapping[str, Any], model: ClipVisual, path: str = "<state dict>", fmt: str = "state dict",
-) -> tuple[dict[str, torch.Tensor], LoadReport]:
+) -> tuple[dict[str, torch.Tensor], LoadReport, dict[str, torch.Tensor]]:
     """Map a CLIP checkpoint of any supported layout to ``model``'s keys, without touching ``model``.
 
     Args:
-        checkpoint: what :func:`reid_ms.weights._io.read_checkpoint` returns: a state dict, possibly under
+        checkpoint: what :func:`reid_ms.weights.read_checkpoint` returns: a state dict, possibly under
             a ``state_dict`` / ``model`` wrapper and with a ``module.`` prefix; TorchScript integer
             entries allowed.
         model: the :class:`~reid_ms.ClipVisual` the result is meant for (read for its shapes only).
         path, fmt: the file and its container, for messages and the report.
 
     Returns:
-        ``(state, report)``: ``state`` names every tensor of ``model.state_dict()`` (a camera/view table
-        the file lacks is the model's own, listed in ``report.kept_init``); ``report`` gives the kind
-        (``openai``, ``open_clip``, ``clip-reid``, ``clip-visual``) and what was ignored or resized.
+        ``(state, report, heads)``: ``state`` names every tensor of ``model.state_dict()`` (a camera/view
+        table the file lacks is the model's own, listed in ``report.kept_init``); ``report`` gives the kind
+        (``openai``, ``open_clip``, ``clip-reid``, ``clip-visual``) and what was ignored (key -> reason)
+        or resized; ``heads`` holds a CLIP-ReID checkpoint's trained BNNecks and classifiers
+        (``bottleneck_proj.*``, ``classifier_proj.weight``, ...), by file key, each also in ``report.ignored``.
     """
     wrapped = isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping)
     tensors, ignored = flatten_state_dict(checkpoint, path)
-    tensors, had_module_prefix = _strip_prefix(tensors, "module.")
+    tensors, had_module_prefix = strip_prefix(tensors)
     keys = list(tensors)
     if _is_vit(keys):
         example = next(k for k in keys if _is_vit([k]))
         raise CheckpointError(
             f"{path!r} is a ViT / TransReID checkpoint (keys like {example!r}), not a CLIP one: load it into "
             f"reid_ms.VitTrans with reid_ms.load_vit_weights")
-    report = LoadReport(path=path, format=fmt, kind="clip-visual", ignored=list(ignored))
+    report = LoadReport(path=path, format=fmt, kind="clip-visual", ignored=ignored)
 
     visual: dict[str, torch.Tensor] = {}
+    heads: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     if any(k.startswith("image_encoder.") for k in keys):
         report.kind = "clip-reid"
@@ -134,7 +139,9 @@ def clip_checkpoint_filter(
             elif k == "cv_embed":
                 visual[k] = v
             elif head is not None:
-                report.ignored.append(f"{k} ({head}, not part of the image encoder)")
+                report.ignored[k] = f"{head}, not part of the image encoder"
+                if group.startswith(("bottleneck", "classifier")):
+                    heads[k] = v
             else:
                 unknown.append(k)
     elif any(k.startswith("visual.") for k in keys):
@@ -143,9 +150,9 @@ def clip_checkpoint_filter(
             if k.startswith("visual."):
                 visual[k[len("visual."):]] = v
             elif k in _METADATA:
-                report.ignored.append(f"{k} (model metadata)")
+                report.ignored[k] = "model metadata"
             elif k.startswith(_TEXT_TOWER) or k in _CLIP_HEAD:
-                report.ignored.append(f"{k} (text tower / contrastive head, not part of the image encoder)")
+                report.ignored[k] = "text tower / contrastive head, not part of the image encoder"
             else:
                 unknown.append(k)
     elif "conv1.weight" in tensors or "class_embedding" in tensors:
@@ -160,12 +167,13 @@ def clip_checkpoint_filter(
                               f"does not know: {unknown[:6]}; nothing was loaded")
 
     _check_architecture(visual, model, path, report.kind)
+    check_declared(visual, report, memory_budget(model))
     if "positional_embedding" in visual:
         visual["positional_embedding"] = _adapt_positional_embedding(visual["positional_embedding"], model, path,
                                                                      report)
 
     fit_side_table(visual, "cv_embed", model, report)
-    return visual, report
+    return visual, report, heads
 
 
 def load_clip_weights(model: ClipVisual | ClipText | PromptLearner, path: str | os.PathLike) -> LoadReport:
@@ -190,6 +198,6 @@ def load_clip_weights(model: ClipVisual | ClipText | PromptLearner, path: str | 
                           f"{type(model).__name__}; "
                           f"for a built model pass its backbone, for a VitTrans use load_vit_weights")
     path = os.fspath(path)
-    obj, fmt = read_checkpoint(path)
-    state, report = clip_checkpoint_filter(obj, model, path, fmt)
+    obj, fmt = read_checkpoint(path, memory_budget(model))
+    state, report, _ = clip_checkpoint_filter(obj, model, path, fmt)
     return load_all_or_nothing(model, state, report)

@@ -22,8 +22,8 @@ import torch
 
 from reid_ms.backbones.clip_text import ClipText, PromptLearner
 from reid_ms.errors import CheckpointError
-from reid_ms.weights._common import LoadReport, load_all_or_nothing
-from reid_ms.weights._io import flatten_state_dict, read_checkpoint
+from reid_ms.weights._common import LoadReport, check_declared, load_all_or_nothing, memory_budget
+from reid_ms.weights._io import flatten_state_dict, read_checkpoint, strip_prefix
 
 logger = logging.getLogger("reid_ms.weights")
 
@@ -57,7 +57,7 @@ def _split_file(tensors: dict[str, torch.Tensor], wrapped: bool, module_prefix: 
             elif k.startswith("prompt_learner."):
                 prompts[k[len("prompt_learner."):]] = v
             elif k.startswith(_CLIP_REID_IMAGE_SIDE):
-                report.ignored.append(f"{k} (CLIP-ReID image side, not part of the text encoder)")
+                report.ignored[k] = "CLIP-ReID image side, not part of the text encoder"
             else:
                 unknown.append(k)
     elif any(k.startswith("text.") for k in keys) and any(k in _PROMPT_KEYS for k in keys):
@@ -74,15 +74,15 @@ def _split_file(tensors: dict[str, torch.Tensor], wrapped: bool, module_prefix: 
         report.kind = ("open_clip" if wrapped or module_prefix else "openai") if has_visual else "clip-text"
         for k, v in tensors.items():
             if k.endswith("attn_mask"):
-                report.ignored.append(f"{k} (causal mask, rebuilt by the model)")
+                report.ignored[k] = "causal mask, built by the model"
             elif _is_text_key(k):
                 text[k] = v
             elif k.startswith("visual."):
-                report.ignored.append(f"{k} (image encoder, not part of the text tower)")
+                report.ignored[k] = "image encoder, not part of the text tower"
             elif k in ("logit_scale", "logit_bias"):
-                report.ignored.append(f"{k} (contrastive head)")
+                report.ignored[k] = "contrastive head"
             elif k in _METADATA:
-                report.ignored.append(f"{k} (model metadata)")
+                report.ignored[k] = "model metadata"
             else:
                 unknown.append(k)
     else:
@@ -171,16 +171,15 @@ def clip_text_checkpoint_filter(
     """
     wrapped = isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping)
     tensors, ignored = flatten_state_dict(checkpoint, path)
-    module_prefix = bool(tensors) and all(k.startswith("module.") for k in tensors)
-    if module_prefix:
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    tensors, module_prefix = strip_prefix(tensors)
     if any(k.startswith(("cls_token", "pos_embed", "blocks.", "base.")) for k in tensors):
         raise CheckpointError(f"{path!r} is a ViT / TransReID checkpoint, not a CLIP one: it has no text tower")
-    report = LoadReport(path=path, format=fmt, kind="clip-text", ignored=list(ignored))
+    report = LoadReport(path=path, format=fmt, kind="clip-text", ignored=ignored)
     text, prompts = _split_file(tensors, wrapped, module_prefix, report)
     is_prompts = isinstance(model, PromptLearner)
     tower = model.text if is_prompts else model
     _check_text_architecture(text, tower, report)
+    check_declared({**text, **prompts}, report, memory_budget(model))
     prefix = "text." if is_prompts else ""
     target = model.state_dict()
     state = {prefix + k: v for k, v in text.items()}
@@ -200,8 +199,8 @@ def clip_text_checkpoint_filter(
                 state[k] = target[k]
             report.kept_init.append("cls_ctx")
     elif prompts:
-        report.ignored += [f"prompt_learner.{k} (learned prompts: load the file into a reid_ms.PromptLearner)"
-                           for k in prompts]
+        report.ignored.update({f"prompt_learner.{k}": "learned prompts: load the file into a reid_ms.PromptLearner"
+                               for k in prompts})
     return state, report
 
 
@@ -213,7 +212,7 @@ def load_clip_text_weights(model: TextModel, path: str | os.PathLike) -> LoadRep
     text tower, keeps ``cls_ctx`` and re-embeds the template with the loaded token embedding.
     """
     path = os.fspath(path)
-    obj, fmt = read_checkpoint(path)
+    obj, fmt = read_checkpoint(path, memory_budget(model))
     state, report = clip_text_checkpoint_filter(obj, model, path, fmt)
     load_all_or_nothing(model, state, report)
     if isinstance(model, PromptLearner) and "cls_ctx" in report.kept_init:

@@ -13,13 +13,17 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Mapping
+from typing import Any
 
 import torch
+from torch import nn
 
+from reid_ms.backbones.vit import VitTrans
 from reid_ms.errors import CheckpointError, ConfigError
-from reid_ms.models.jpm import JPMReIDModel
-from reid_ms.weights._common import LoadReport, load_all_or_nothing
-from reid_ms.weights._io import flatten_state_dict, read_checkpoint
+from reid_ms.weights._common import LoadReport, load_all_or_nothing, memory_budget
+from reid_ms.weights._io import flatten_state_dict, read_checkpoint, strip_prefix
+from reid_ms.weights.built import saved_model
 from reid_ms.weights.vit import vit_checkpoint_filter
 
 logger = logging.getLogger("reid_ms.weights")
@@ -33,7 +37,7 @@ def _suffix(branch: int) -> str:
     return "" if branch == 0 else f"_{branch}"
 
 
-def _head_state(heads: dict[str, torch.Tensor], model: JPMReIDModel, path: str,
+def _head_state(heads: dict[str, torch.Tensor], model: nn.Module, path: str,
                 report: LoadReport) -> dict[str, torch.Tensor]:
     """TransReID's per-branch BNNecks and classifiers -> the model's head keys, where they fit."""
     head = model.head
@@ -66,27 +70,33 @@ def _head_state(heads: dict[str, torch.Tensor], model: JPMReIDModel, path: str,
             used.update(cls_keys)
     for key in heads:
         if key not in used:
-            report.ignored.append(f"{key} (TransReID re-ID head that does not fit this model's "
-                                  f"{k} branches x {d} wide, num_classes={head.num_classes})")
+            report.ignored[key] = (f"TransReID re-ID head that does not fit this model's {k} branches x {d} wide, "
+                                   f"num_classes={head.num_classes}")
     return out
 
 
-def jpm_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: JPMReIDModel, path: str = "<state dict>",
+def jpm_checkpoint_filter(checkpoint: Mapping[str, Any], model: nn.Module, path: str = "<state dict>",
                           fmt: str = "state dict") -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Map a TransReID JPM checkpoint, or any ViT checkpoint, to ``model``'s keys without touching ``model``.
+
+    ``checkpoint`` is what :func:`reid_ms.weights.read_checkpoint` returns (wrappers and a ``module.``
+    prefix allowed); ``model`` a :class:`~reid_ms.JPMReIDModel`.
 
     Returns:
         ``(state, report)``: ``state`` names every tensor of ``model.state_dict()``; what the file lacks
         (the multi-scale neck, a head that does not fit, the camera table of ImageNet weights) is the
         model's own and listed in ``report.kept_init``.
     """
-    state = dict(state_dict)
-    if state and all(k.startswith("module.") for k in state):  # saved from nn.DataParallel / DDP
-        state = {k[len("module."):]: v for k, v in state.items()}
+    state, wrapper = flatten_state_dict(checkpoint, path)
+    state, _ = strip_prefix(state)
+    saved = saved_model(state, wrapper, model, path, fmt)
+    if saved is not None:
+        return saved
     branches = {k: v for k, v in state.items() if _BRANCH.match(k)}
     heads = {k: v for k, v in state.items() if _HEAD.match(k)}
     rest = {k: v for k, v in state.items() if k not in branches and k not in heads}
-    backbone, report = vit_checkpoint_filter(rest, model.backbone, path, fmt)
+    backbone, report, _ = vit_checkpoint_filter(rest, model.backbone, path, fmt)
+    report.ignored = {**wrapper, **report.ignored}
 
     last = len(model.backbone.blocks)  # index of the block the JPM branches were made from
     last_prefix = f"blocks.{last}."
@@ -95,9 +105,9 @@ def jpm_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: JPMReIDMod
     if branches:
         report.kind = "transreid-jpm"
         stored = "base." if any(k.startswith("base.") for k in rest) else ""
-        report.ignored.append(f"{stored}{last_prefix}*, {stored}norm.* ({len(last_block)} tensors: the ViT's last "
-                              f"block and final norm, unused by TransReID's JPM forward; b1 and b2 hold the "
-                              f"trained copies)")
+        for k in last_block:
+            report.ignored[stored + k] = ("the ViT's last block and final norm, unused by TransReID's JPM forward; "
+                                          "b1 and b2 hold the trained copies")
         out.update({f"jpm.{k}": v for k, v in branches.items()})
     else:
         if not any(k.startswith(last_prefix) for k in last_block) or not any(k.startswith("norm.") for k in last_block):
@@ -121,7 +131,7 @@ def jpm_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: JPMReIDMod
     return out, report
 
 
-def load_jpm_weights(model: JPMReIDModel, path: str | os.PathLike) -> LoadReport:
+def load_jpm_weights(model: nn.Module, path: str | os.PathLike) -> LoadReport:
     """Load a TransReID JPM checkpoint or any ViT checkpoint into ``model``, all of it or nothing.
 
     JPM checkpoints fill the backbone, both branches and, where they fit (same width, ``num_classes``),
@@ -131,12 +141,10 @@ def load_jpm_weights(model: JPMReIDModel, path: str | os.PathLike) -> LoadReport
     Returns:
         A :class:`~reid_ms.LoadReport` with model keys (``backbone.*``, ``jpm.*``, ``head.*``).
     """
-    if not isinstance(model, JPMReIDModel):
+    if not (isinstance(getattr(model, "backbone", None), VitTrans) and hasattr(model, "jpm")):
         raise ConfigError(f"load_jpm_weights loads into reid_ms.JPMReIDModel, got {type(model).__name__}; "
                           f"for a plain VitTrans use load_vit_weights")
     path = os.fspath(path)
-    obj, fmt = read_checkpoint(path)
-    tensors, ignored = flatten_state_dict(obj, path)
-    state, report = jpm_checkpoint_filter(tensors, model, path, fmt)
-    report.ignored = ignored + report.ignored
+    obj, fmt = read_checkpoint(path, memory_budget(model))
+    state, report = jpm_checkpoint_filter(obj, model, path, fmt)
     return load_all_or_nothing(model, state, report)

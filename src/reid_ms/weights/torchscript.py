@@ -15,9 +15,11 @@ import collections
 import io
 import os
 import pickle
+import struct
 import zipfile
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
+import numpy as np
 import torch
 
 from reid_ms.errors import CheckpointError, ReidMsError, UnsafeCheckpointError
@@ -95,12 +97,15 @@ _ALLOWED_FUNCTIONS: dict[tuple[str, str], Callable[..., Any]] = {
 class _ArchiveUnpickler(pickle.Unpickler):
     """Unpickles ``data.pkl``, taking storages from the archive and refusing every class not allowed."""
 
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, root: str, big_endian: bool, path: str) -> None:
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, root: str, big_endian: bool, path: str,
+                 budget: Optional[int]) -> None:
         super().__init__(io.BytesIO(data))
         self._archive = archive
         self._root = root
         self._big_endian = big_endian
         self._path = path
+        self._budget = budget
+        self._copied = 0  # bytes of storages copied into memory (compressed, swapped or unaligned ones)
         self._storages: dict[str, torch.Tensor] = {}
         self._records: dict[tuple[str, str], type] = {}
 
@@ -134,49 +139,95 @@ class _ArchiveUnpickler(pickle.Unpickler):
     def _read_storage(self, key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
         member = f"{self._root}data/{key}"
         try:
-            raw = self._archive.read(member)
+            info = self._archive.getinfo(member)
         except KeyError as e:
             raise CheckpointError(f"{self._path!r}: the archive lacks the storage member {member!r}; the file "
                                   f"is damaged or incomplete: download it again") from e
         itemsize = torch.empty((), dtype=dtype).element_size()
-        if numel < 0 or len(raw) < numel * itemsize:
-            raise CheckpointError(f"{self._path!r}: storage {member!r} holds {len(raw)} bytes, {numel} "
-                                  f"{dtype} elements need {numel * itemsize}; the file is damaged or truncated")
+        nbytes = numel * itemsize
+        # declared sizes are compared before a byte is read: a record may claim any numel
+        if numel < 0 or info.file_size < nbytes:
+            raise CheckpointError(f"{self._path!r}: storage {member!r} holds {info.file_size} bytes, {numel} "
+                                  f"{dtype} elements need {nbytes}; the file is damaged or truncated")
         if numel == 0:
             return torch.empty(0, dtype=dtype)
-        flat = torch.frombuffer(bytearray(raw[: numel * itemsize]), dtype=torch.uint8)
+        flat = self._map(info, nbytes, itemsize)
+        if flat is None:
+            self._charge(nbytes, member)
+            flat = torch.empty(nbytes, dtype=torch.uint8)
+            with self._archive.open(info) as f:
+                if f.readinto(flat.numpy()) != nbytes:
+                    raise CheckpointError(f"{self._path!r}: storage {member!r} ends early; the file is truncated")
         if self._big_endian and itemsize > 1:
+            self._charge(nbytes, member)
             flat = flat.view(numel, itemsize).flip(-1).reshape(-1)
         return flat.view(dtype)
+
+    def _map(self, info: zipfile.ZipInfo, nbytes: int, itemsize: int) -> Optional[torch.Tensor]:
+        """An uncompressed member mapped from the file (copy-on-write), or ``None`` when it must be read."""
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        with open(self._path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            raise CheckpointError(f"{self._path!r}: the local header of {info.filename!r} is damaged")
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        offset = info.header_offset + 30 + name_len + extra_len
+        if offset % itemsize:
+            return None  # torch's kernels expect aligned elements; torch.jit.save aligns to 64 bytes
+        return torch.from_numpy(np.memmap(self._path, dtype=np.uint8, mode="c", offset=offset, shape=(nbytes,)))
+
+    def _charge(self, nbytes: int, member: str) -> None:
+        self._copied += nbytes
+        if self._budget is not None and self._copied > self._budget:
+            raise CheckpointError(f"{self._path!r}: reading {member!r} brings the storages copied into memory to "
+                                  f"{self._copied / 2**20:.0f} MiB, more than a checkpoint for this model can "
+                                  f"need ({self._budget / 2**20:.0f} MiB); the file is not for this model")
 
 
 Entry = Union[torch.Tensor, int]
 
 
-def _collect(record: ScriptModuleRecord, prefix: str, out: dict[str, Entry], seen: set[int]) -> None:
-    if id(record) in seen:
-        return
-    seen.add(id(record))
-    state = getattr(record, "state", None)
-    if not isinstance(state, dict):
-        return
-    for name, value in state.items():
-        key = f"{prefix}{name}"
-        if isinstance(value, torch.Tensor):
-            out[key] = value
-        elif isinstance(value, ScriptModuleRecord):
-            _collect(value, f"{key}.", out, seen)
-        elif isinstance(value, int) and not isinstance(value, bool):
-            out[key] = value
+# Real module trees are a few levels deep (CLIP: model.visual.transformer.resblocks.N.attn)
+_MAX_DEPTH = 64
 
 
-def read_torchscript_archive(path: str | os.PathLike) -> dict[str, Entry]:
+def _collect(root: ScriptModuleRecord, path: str) -> dict[str, Entry]:
+    out: dict[str, Entry] = {}
+    seen: set[int] = set()
+    todo = [(root, "", 0)]
+    while todo:
+        record, prefix, depth = todo.pop()
+        if id(record) in seen:
+            continue
+        if depth > _MAX_DEPTH:
+            raise CheckpointError(f"{path!r}: its module records nest deeper than {_MAX_DEPTH} levels; no model "
+                                  f"is built that way: the file is damaged or hostile")
+        seen.add(id(record))
+        state = getattr(record, "state", None)
+        if not isinstance(state, dict):
+            continue
+        for name, value in state.items():
+            key = f"{prefix}{name}"
+            if isinstance(value, torch.Tensor):
+                out[key] = value
+            elif isinstance(value, ScriptModuleRecord):
+                todo.append((value, f"{key}.", depth + 1))
+            elif isinstance(value, int) and not isinstance(value, bool):
+                out[key] = value
+    return out
+
+
+def read_torchscript_archive(path: str | os.PathLike, budget: Optional[int] = None) -> dict[str, Entry]:
     """The parameters, buffers and integer attributes of a TorchScript archive, by dotted name.
 
     Keys are what ``torch.jit.load(path).state_dict()`` gives (``visual.conv1.weight``, ...), plus integer
     module attributes (``input_resolution`` when it was saved as an int). Tensors keep their stored dtype.
     Raises :class:`UnsafeCheckpointError` when ``data.pkl`` names anything but tensors, storages and
-    TorchScript modules, and :class:`CheckpointError` for a damaged archive.
+    TorchScript modules, and :class:`CheckpointError` for a damaged archive. Uncompressed storages are
+    mapped from the file; ``budget`` bounds the bytes copied into memory (compressed or byte-swapped
+    storages), checked from the declared sizes before each copy.
     """
     path = os.fspath(path)
     try:
@@ -187,22 +238,24 @@ def read_torchscript_archive(path: str | os.PathLike) -> dict[str, Entry]:
                 raise CheckpointError(f"{path!r} is not a TorchScript archive: expected one <root>/data.pkl "
                                       f"member, found {len(roots)}")
             root = roots[0]
-            byteorder = archive.read(f"{root}byteorder").decode().strip() if f"{root}byteorder" in names else "little"
+            byteorder = "little"
+            if f"{root}byteorder" in names:
+                with archive.open(f"{root}byteorder") as f:
+                    byteorder = f.read(16).decode().strip()
             if byteorder not in ("little", "big"):
                 raise CheckpointError(f"{path!r}: unknown byte order {byteorder!r} in {root}byteorder")
             unpickler = _ArchiveUnpickler(archive.read(f"{root}data.pkl"), archive, root,
-                                          big_endian=byteorder == "big", path=path)
+                                          big_endian=byteorder == "big", path=path, budget=budget)
             module = unpickler.load()
     except ReidMsError:
         raise
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError, TypeError, KeyError,
-            AttributeError, IndexError, RuntimeError, UnicodeDecodeError) as e:
+            AttributeError, IndexError, RuntimeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path!r} is a damaged TorchScript archive ({type(e).__name__}: {e}); download "
                               f"it again") from e
     if not isinstance(module, ScriptModuleRecord):
         raise CheckpointError(f"{path!r}: data.pkl holds a {type(module).__name__}, not a TorchScript module")
-    out: dict[str, Entry] = {}
-    _collect(module, "", out, set())
+    out = _collect(module, path)
     if not any(isinstance(v, torch.Tensor) for v in out.values()):
         raise CheckpointError(f"{path!r}: the TorchScript module {module.type_name} holds no tensors")
     return out

@@ -11,6 +11,8 @@ all of it or nothing.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -18,26 +20,31 @@ from reid_ms.backbones.vit import VitTrans
 from reid_ms.errors import CheckpointError, ConfigError
 from reid_ms.weights._common import (
     LoadReport,
+    check_declared,
     fit_position_grid,
     fit_side_table,
     load_all_or_nothing,
+    memory_budget,
     square_side,
 )
-from reid_ms.weights._io import flatten_state_dict, read_checkpoint
+from reid_ms.weights._io import flatten_state_dict, read_checkpoint, strip_prefix
+
 
 def _is_clip(keys: list[str]) -> bool:
     return any(k.startswith(("visual.", "image_encoder.")) or "transformer.resblocks" in k
                or k in ("class_embedding", "positional_embedding", "conv1.weight", "cv_embed") for k in keys)
 
 
-def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items()}
-    return state
+def _from_google_npz(w: dict[str, torch.Tensor], prefix: str, path: str,
+                     report: LoadReport, budget: int) -> dict[str, torch.Tensor]:
+    """Google's JAX layout to timm names: kernels are [in, out], attention kernels split per head.
 
-
-def _from_google_npz(w: dict[str, torch.Tensor], prefix: str, path: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Google's JAX layout to timm names: kernels are [in, out], attention kernels split per head."""
+    Every entry it converts is sized against ``budget`` first (a concatenation materialises its inputs);
+    heads are listed in ``report.ignored``.
+    """
+    heads = ("head/", "pre_logits/")
+    check_declared({k: v for k, v in w.items() if k.startswith(prefix) and not k[len(prefix):].startswith(heads)},
+                   report, budget)
     state: dict[str, torch.Tensor] = {}
     used: set[str] = set()
 
@@ -78,20 +85,18 @@ def _from_google_npz(w: dict[str, torch.Tensor], prefix: str, path: str) -> tupl
             state[dst + f"mlp.fc{r + 1}.weight"] = take(src + f"MlpBlock_3/Dense_{r}/kernel").t()
             state[dst + f"mlp.fc{r + 1}.bias"] = take(src + f"MlpBlock_3/Dense_{r}/bias")
         i += 1
-    ignored = []
     unknown = []
     for key in w:
         if key in used:
             continue
-        name = key[len(prefix):]
-        if name.startswith(("head/", "pre_logits/")):
-            ignored.append(f"{key} (classifier head, not part of the backbone)")
+        if key[len(prefix):].startswith(heads):
+            report.ignored[key] = "classifier head, not part of the backbone"
         else:
             unknown.append(key)
     if unknown:
         raise CheckpointError(f"{path!r} is a Google ViT .npz with entries reid_ms does not know: {unknown[:6]}; "
                               f"only the layout of google-research/vision_transformer (encoderblock_N) is read")
-    return {k: v.contiguous() for k, v in state.items()}, ignored
+    return state
 
 
 def _adapt_pos_embed(pos: torch.Tensor, n_prefix: int, model: VitTrans, path: str, kind: str,
@@ -102,9 +107,10 @@ def _adapt_pos_embed(pos: torch.Tensor, n_prefix: int, model: VitTrans, path: st
                               f"the file is damaged or not a ViT checkpoint")
     if pos.dim() == 2:
         pos = pos.unsqueeze(0)
-    if pos.dim() != 3 or pos.shape[0] != 1 or pos.shape[1] <= n_prefix:
+    if pos.dim() != 3 or pos.shape[0] != 1 or pos.shape[1] <= n_prefix or pos.shape[2] != model.embed_dim:
         raise CheckpointError(f"{path!r} ({kind}): 'pos_embed' has shape {list(pos.shape)}, expected "
-                              f"[1, {n_prefix} + patches, D]")
+                              f"[1, {n_prefix} + patches, {model.embed_dim}]; build the model with the embed_dim "
+                              f"the checkpoint was trained with")
     old_shape = tuple(pos.shape)
     grid = fit_position_grid(pos[0, n_prefix:], model, "pos_embed", report)
     out = torch.cat((pos[:, :1].to(grid.dtype), grid.unsqueeze(0)), dim=1)
@@ -113,46 +119,53 @@ def _adapt_pos_embed(pos: torch.Tensor, n_prefix: int, model: VitTrans, path: st
     return out
 
 
-def vit_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: VitTrans, path: str = "<state dict>",
-                          fmt: str = "state dict") -> tuple[dict[str, torch.Tensor], LoadReport]:
+def vit_checkpoint_filter(checkpoint: Mapping[str, Any], model: VitTrans, path: str = "<state dict>",
+                          fmt: str = "state dict") -> tuple[dict[str, torch.Tensor], LoadReport, dict[str, torch.Tensor]]:
     """Map a ViT checkpoint of any supported layout to ``model``'s keys, without touching ``model``.
 
     Args:
-        state_dict: tensors as stored (wrappers already removed, see ``flatten_state_dict``).
+        checkpoint: what :func:`reid_ms.weights.read_checkpoint` returns: a state dict, possibly under a
+            ``model`` / ``state_dict`` wrapper and with a ``module.`` prefix.
         model: the :class:`~reid_ms.VitTrans` the result is meant for (read for its shapes only).
         path, fmt: the file and its container, for messages and the report.
 
     Returns:
-        ``(state, report)``: ``state`` names every tensor of ``model.state_dict()`` (the camera/view
-        table the file lacks is the model's own, listed in ``report.kept_init``); ``report`` says the
-        kind of checkpoint and what was ignored or resized (``report.loaded`` is filled by the load).
+        ``(state, report, heads)``: ``state`` names every tensor of ``model.state_dict()`` (the
+        camera/view table the file lacks is the model's own, listed in ``report.kept_init``); ``report``
+        says the kind of checkpoint and what was ignored (key -> reason) or resized (``report.loaded`` is
+        filled by the load); ``heads`` holds the re-ID head a TransReID checkpoint carries beside the
+        backbone (``bottleneck.*``, ``classifier.weight``), by file key, each also in ``report.ignored``.
     """
-    keys = list(state_dict)
+    tensors, ignored = flatten_state_dict(checkpoint, path)
+    tensors, _ = strip_prefix(tensors)
+    keys = list(tensors)
     if _is_clip(keys):
         raise CheckpointError(
             f"{path!r} is a CLIP checkpoint (keys like {next(k for k in keys if _is_clip([k]))!r}), not a "
             f"ViT/TransReID one: load it into reid_ms.ClipVisual with reid_ms.load_clip_weights")
-    report = LoadReport(path=path, format=fmt, kind="imagenet")
-    state = _strip_prefix(dict(state_dict), "module.")  # saved from nn.DataParallel / DDP
+    report = LoadReport(path=path, format=fmt, kind="imagenet", ignored=ignored)
+    budget = memory_budget(model)
+    state = tensors
+    heads: dict[str, torch.Tensor] = {}
 
     # Google's names, possibly under a prefix such as "opt/target/".
     npz_anchor = next((k for k in state if k == "embedding/kernel" or k.endswith("/embedding/kernel")), None)
     if npz_anchor is not None:
         report.kind = "google-npz"
         try:
-            state, ignored = _from_google_npz(state, npz_anchor[: -len("embedding/kernel")], path)
+            state = _from_google_npz(tensors, npz_anchor[: -len("embedding/kernel")], path, report, budget)
         except (RuntimeError, IndexError) as e:  # kernels whose shapes do not fit together
             raise CheckpointError(f"{path!r} is a Google ViT .npz whose tensors do not fit together ({e}); the "
                                   f"file is damaged or not from google-research/vision_transformer") from e
-        report.ignored += ignored
     elif any(k.startswith("base.") for k in state):
         report.kind = "transreid"
         backbone = {}
         for k, v in state.items():
             if not k.startswith("base."):
-                report.ignored.append(f"{k} (TransReID re-ID head, not part of the backbone)")
+                report.ignored[k] = "TransReID re-ID head, not part of the backbone"
+                heads[k] = v
             elif k.startswith("base.fc."):
-                report.ignored.append(f"{k} (TransReID's unused classifier of the ViT)")
+                report.ignored[k] = "TransReID's unused classifier of the ViT"
             else:
                 backbone[k[len("base."):]] = v
         state = backbone
@@ -166,12 +179,13 @@ def vit_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: VitTrans, 
     kept: dict[str, torch.Tensor] = {}
     for k, v in state.items():
         if k.startswith(("head.", "head_dist.", "pre_logits.", "fc.")):
-            report.ignored.append(f"{k} (classifier head, not part of the backbone)")
+            report.ignored[k] = "classifier head, not part of the backbone"
         elif k == "dist_token":
-            report.ignored.append(f"{k} (DeiT distillation token; TransReID does not use it)")
+            report.ignored[k] = "DeiT distillation token; TransReID does not use it"
         else:
             kept[k] = v
     state = kept
+    check_declared(state, report, budget)
 
     target = model.state_dict()
     proj = state.get("patch_embed.proj.weight")
@@ -191,11 +205,11 @@ def vit_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: VitTrans, 
                                       f"tokens, not 2 prefix tokens plus a square grid; the file is not a "
                                       f"DeiT checkpoint reid_ms can read")
             n_prefix = 2
-            report.ignored.append("pos_embed[:, 1] (position of the DeiT distillation token)")
+            report.ignored["pos_embed[:, 1]"] = "position of the DeiT distillation token"
         state["pos_embed"] = _adapt_pos_embed(state["pos_embed"], n_prefix, model, path, report.kind, report)
 
     fit_side_table(state, "sie_embed", model, report)
-    return state, report
+    return state, report, heads
 
 
 def load_vit_weights(model: VitTrans, path: str | os.PathLike) -> LoadReport:
@@ -214,8 +228,6 @@ def load_vit_weights(model: VitTrans, path: str | os.PathLike) -> LoadReport:
         raise ConfigError(f"load_vit_weights loads into reid_ms.VitTrans, got {type(model).__name__}; "
                           f"for a built model pass its backbone, for a ClipVisual use load_clip_weights")
     path = os.fspath(path)
-    obj, fmt = read_checkpoint(path)
-    tensors, ignored = flatten_state_dict(obj, path)
-    state, report = vit_checkpoint_filter(tensors, model, path, fmt)
-    report.ignored = ignored + report.ignored
+    obj, fmt = read_checkpoint(path, memory_budget(model))
+    state, report, _ = vit_checkpoint_filter(obj, model, path, fmt)
     return load_all_or_nothing(model, state, report)
