@@ -5,7 +5,7 @@
 and any grid; ``build(name)`` assembles named backbone + neck + head models.
 """
 
-from reid_ms import metrics
+from reid_ms import data, losses, metrics, optim
 from reid_ms.backbones.clip import ClipVisual
 from reid_ms.backbones.clip_text import ClipText, PromptLearner
 from reid_ms.backbones.vit import VitTrans

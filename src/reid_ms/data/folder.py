@@ -22,7 +22,7 @@ from reid_ms.errors import InputError
 
 __all__ = [
     "IMAGE_EXTENSIONS", "REID_MEAN", "REID_STD", "JUNK_PID", "parse_market_name", "list_images",
-    "eval_transform", "ReidImageFolder",
+    "read_image", "eval_transform", "ReidImageFolder",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -66,6 +66,15 @@ def list_images(root: str | Path) -> list[Path]:
     return files
 
 
+def read_image(path: str | Path) -> Image.Image:
+    """The image at ``path`` as an RGB PIL image; an unreadable file raises :class:`InputError` naming it."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read image {str(path)!r}: {exc}") from exc
+
+
 def eval_transform(
     img_size: tuple[int, int], mean: Sequence[float] = REID_MEAN, std: Sequence[float] = REID_STD,
 ) -> T.Compose:
@@ -100,10 +109,4 @@ class ReidImageFolder(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as img:
-                rgb = img.convert("RGB")
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read image {str(path)!r}: {exc}") from exc
-        return self.transform(rgb), index
+        return self.transform(read_image(self.paths[index])), index
