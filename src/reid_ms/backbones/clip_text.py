@@ -258,6 +258,7 @@ class PromptLearner(nn.Module):
                               f"consecutive 'X' words where the learned vectors go (found {len(where)}), e.g. "
                               f"{PERSON_TEMPLATE!r}")
         self.prefix_len = where[0]
+        self.eot_index = int(ids[0].argmax())  # CLIP's end-of-text id is the largest in the vocabulary
         self.register_buffer("token_ids", ids, persistent=False)
         width = text.width
         param = text.token_embedding.weight
@@ -294,8 +295,13 @@ class PromptLearner(nn.Module):
                           self.token_suffix.expand(b, -1, -1)], dim=1)
 
     def forward(self, pids: torch.Tensor) -> torch.Tensor:
-        """Identity labels ``[B]`` -> text features ``[B, output_dim]``, one learned prompt per identity."""
-        return self.text.encode_embedded(self.prompts(pids), self.token_ids)
+        """Identity labels ``[B]`` -> text features ``[B, output_dim]``, one learned prompt per identity.
+
+        Only the tokens up to the end-of-text token go through the transformer: under the causal mask the
+        padding after it cannot change the feature read there, so the result is that of the whole sequence.
+        """
+        length = self.eot_index + 1
+        return self.text.encode_embedded(self.prompts(pids)[:, :length], self.token_ids[:, :length])
 
     @torch.no_grad()
     def all_features(self, batch_size: int = 64) -> torch.Tensor:

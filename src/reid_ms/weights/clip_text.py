@@ -145,7 +145,7 @@ def _check_prompts(prompts: dict[str, torch.Tensor], model: PromptLearner, repor
                                   f"PromptLearner's is {list(want)}; {wrong_template}")
     # The suffix's rows after the end-of-text token embed the padding id, all the same vector: a template whose
     # end-of-text falls elsewhere would read the feature at the wrong token.
-    eot = int(model.token_ids[0].argmax()) - model.prefix_len - model.n_ctx
+    eot = model.eot_index - model.prefix_len - model.n_ctx
     padding = suffix[0, eot + 1:]
     if len(padding) and (not bool((padding == padding[0]).all()) or torch.equal(suffix[0, eot], padding[0])):
         raise CheckpointError(f"{report.path!r} ({report.kind}): the stored template's end-of-text token is not "
