@@ -2,12 +2,18 @@
 
     python examples/make_sample_data.py                 # rewrites examples/sample_data/{query,gallery}
     python examples/make_sample_data.py --out /tmp/sd   # somewhere else
+    python examples/make_sample_data.py --market --train-people 60 --people 40 --out /tmp/synth
 
 Each identity is a fixed "outfit" (head, shirt and trouser colours, a stripe); each camera changes the
 brightness and colour cast; every crop gets a small shift and pixel noise. The set has 7 identities,
 a query per identity, 4 gallery crops per identity over 4 cameras (one on the query's own camera, which
 the Market-1501 protocol excludes), one identity seen by a single camera (its query has no valid match),
 distractors (person 0) and junk crops (person -1). Seeded: the same files every run.
+
+``--market`` writes a larger set in Market-1501's layout instead, for ``reid-ms train --dataset folder``:
+``bounding_box_train/`` (``--train-people`` identities, ``--per-camera`` crops on each of the 4 cameras),
+``query/`` (one crop per test identity) and ``bounding_box_test/`` (every test identity on every camera,
+plus distractors and junk), with training and test identities disjoint, as in Market-1501.
 """
 
 from __future__ import annotations
@@ -80,12 +86,54 @@ def make_sample_data(out: Path, seed: int = 0) -> list[Path]:
     return written
 
 
+def make_market_data(out: Path, seed: int = 0, people: int = 40, train_people: int = 60,
+                     per_camera: int = 2) -> list[Path]:
+    """Write ``out/{bounding_box_train,query,bounding_box_test}``; return the files written."""
+    rng = np.random.default_rng(seed)
+    written: list[Path] = []
+    for split in ("bounding_box_train", "query", "bounding_box_test"):
+        folder = out / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.jpg"):
+            old.unlink()
+
+    def save(split: str, pid: int, camera: int, img: Image.Image) -> None:
+        path = out / split / _name(pid, camera, len(written))   # the running count keeps names unique
+        img.save(path, quality=85)
+        written.append(path)
+
+    for person in range(1, train_people + 1):
+        outfit = _outfit(rng)
+        for camera in CAMERAS:
+            for _ in range(per_camera):
+                save("bounding_box_train", person, camera, _render(outfit, camera, rng))
+    for person in range(train_people + 1, train_people + people + 1):
+        outfit = _outfit(rng)
+        query_cam = CAMERAS[person % len(CAMERAS)]
+        save("query", person, query_cam, _render(outfit, query_cam, rng))
+        for camera in CAMERAS:
+            save("bounding_box_test", person, camera, _render(outfit, camera, rng))
+    for camera in CAMERAS:
+        save("bounding_box_test", 0, camera, _render(_outfit(rng), camera, rng))       # distractors
+        save("bounding_box_test", -1, camera, _render(_outfit(rng), camera, rng))      # junk
+    return written
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "sample_data")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--market", action="store_true",
+                        help="a training set too, in Market-1501's layout (bounding_box_train, query, bounding_box_test)")
+    parser.add_argument("--people", type=int, default=40, help="with --market: test identities (default 40)")
+    parser.add_argument("--train-people", type=int, default=60, help="with --market: training identities (default 60)")
+    parser.add_argument("--per-camera", type=int, default=2,
+                        help="with --market: training crops of an identity per camera (default 2)")
     args = parser.parse_args(argv)
-    files = make_sample_data(args.out, args.seed)
+    if args.market:
+        files = make_market_data(args.out, args.seed, args.people, args.train_people, args.per_camera)
+    else:
+        files = make_sample_data(args.out, args.seed)
     total = sum(f.stat().st_size for f in files)
     print(f"wrote {len(files)} images ({total / 1024:.0f} KiB) under {args.out}")
 

@@ -6,6 +6,7 @@
     reid-ms eval --query-feats query.npz --gallery-feats gallery.npz
     reid-ms eval vit_b16_ms --weights model.pth --query query/ --gallery bounding_box_test/
     reid-ms export vit_b16_ms --weights model.pth --camera-num 6 --out model.onnx
+    reid-ms train vit_b16_ms --dataset market1501 --root data/market1501 --out runs/market
 
 Model options shared by ``info``, ``extract``, ``eval`` and ``export``: ``--img-size``, ``--stride``,
 ``--camera-num`` and ``--set key=value`` (any keyword of :func:`reid_ms.build`, value read as a Python
@@ -44,6 +45,7 @@ from reid_ms.export import call_args, example_inputs, export_onnx, onnx_max_erro
 from reid_ms.flops import count_flops
 from reid_ms.metrics import METRICS, evaluate
 from reid_ms.registry import get_spec
+from reid_ms.training import AMP_DTYPES, DATASETS, RECIPES, train
 
 _logger = logging.getLogger("reid_ms.cli")
 
@@ -379,6 +381,50 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- train --------------------------------------------------------------------------------------------
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    result = train(args.name, dataset=args.dataset, root=args.root, out=args.out, pretrained=args.pretrained,
+                   recipe=args.recipe, epochs=args.epochs, batch_size=args.batch_size,
+                   num_instances=args.num_instances, img_size=args.img_size, overrides=_parse_set(args.set),
+                   eval_every=args.eval_every, eval_first=args.eval_first, workers=args.workers, seed=args.seed,
+                   resume=args.resume, device=args.device, amp=args.amp,
+                   grad_checkpointing=args.grad_checkpointing, progress=not args.quiet)
+    scores = [r for r in result.history if r.get("mAP") is not None]
+    if scores:
+        last = scores[-1]
+        print(f"epoch {last['epoch']}: mAP {100 * last['mAP']:.2f}%, rank-1 {100 * last['rank1']:.2f}%")
+    print(f"wrote {result.checkpoint}, {result.out / 'metrics.jsonl'} and {result.out / 'config.json'}")
+    return 0
+
+
+def _add_train_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("train", parents=[common], help="train a model with TransReID's or CLIP-ReID's recipe")
+    p.add_argument("name", metavar="NAME", help="a registered model (see 'reid-ms list')")
+    p.add_argument("--dataset", required=True, choices=DATASETS,
+                   help="data set layout; 'folder': ROOT/{bounding_box_train,query,bounding_box_test}")
+    p.add_argument("--root", required=True, help="the data set's folder")
+    p.add_argument("--out", required=True, help="run folder: config.json, last.pt, metrics.jsonl, curves.png")
+    p.add_argument("--pretrained", help="backbone checkpoint to start from (ImageNet ViT, CLIP, ...)")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default="transreid")
+    p.add_argument("--epochs", type=int, help="default: the recipe's (transreid 120, clipreid 60)")
+    p.add_argument("--batch-size", type=int, help="global batch (default 64)")
+    p.add_argument("--num-instances", type=int, help="images per identity in a batch (default 4)")
+    p.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the model's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe setting (lr, warmup_epochs, margin, ...) or a keyword of reid_ms.build "
+                        "(stride_size, depth, ...), value read as a Python literal (repeatable)")
+    p.add_argument("--eval-every", type=int, help="evaluate every N epochs (default: the recipe's, 10); 0: at the end")
+    p.add_argument("--eval-first", action="store_true", help="also evaluate the untrained model (epoch 0)")
+    p.add_argument("--workers", type=int, default=4, help="image-loading processes (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), help="mixed precision on CUDA")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in the backward pass")
+    p.set_defaults(func=_cmd_train)
+
+
 # -- argument parsing -----------------------------------------------------------------------------
 
 def _add_model_options(parser: argparse.ArgumentParser, name_required: bool = True) -> None:
@@ -448,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-3,
                    help="largest accepted difference between onnxruntime and PyTorch (default 1e-3)")
     p.set_defaults(func=_cmd_export)
+
+    _add_train_parser(sub, common)
     return parser
 
 
