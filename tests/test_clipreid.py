@@ -25,16 +25,6 @@ def _supcon_by_hand(a, b, a_pids, b_pids):
 
 
 @pytest.fixture
-def one_thread():
-    """One intra-op thread: these tensors are tiny, and at two threads on a busy machine the thread hand-offs
-    take most of the time (a stage-1 run measured 0.4 s at one thread, 14 s at two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
 def prompts():
     torch.manual_seed(0)
     text = ClipText(**SMALL_TEXT)
