@@ -144,3 +144,21 @@ def test_load_clipreid_checkpoint_is_all_or_nothing(tmp_path):
     with pytest.raises(CheckpointError, match="num_classes=6"):
         load_clipreid_checkpoint(path, image, prompts)
     assert all(torch.equal(v, before[k]) for k, v in image.state_dict().items())
+
+
+def test_a_gradient_scaler_changes_nothing_but_the_scale(one_thread):
+    # CLIP-ReID runs stage 1 under fp16 autocast with a GradScaler; the scaler's power-of-two scale is undone
+    # exactly before Adam's step, so the prompts learn the same
+    gen = torch.Generator().manual_seed(5)
+    pids = torch.arange(6).repeat_interleave(4)
+    feats = torch.randn(24, 16, generator=gen)
+    config = Stage1Config(epochs=3, batch_size=8, lr=1e-2)
+    learned = []
+    for scaler in (None, torch.amp.GradScaler("cpu")):
+        torch.manual_seed(0)
+        text = ClipText(**SMALL_TEXT)
+        randomise_norms_and_biases(text)
+        prompts = PromptLearner(text, num_classes=6)
+        learn_prompts(prompts, feats, pids, config, scaler=scaler)
+        learned.append(prompts.cls_ctx.detach())
+    torch.testing.assert_close(learned[1], learned[0], rtol=0, atol=1e-7)

@@ -103,7 +103,7 @@ def stage1_optimizer(prompts: PromptLearner, config: Stage1Config = Stage1Config
 def stage1_epoch(
     prompts: PromptLearner, features: torch.Tensor, pids: torch.Tensor, optimizer: torch.optim.Optimizer,
     batch_size: int, generator: Optional[torch.Generator] = None, autocast: Optional[Callable[[], Any]] = None,
-    supcon: Optional[nn.Module] = None,
+    supcon: Optional[nn.Module] = None, scaler: Optional[torch.amp.GradScaler] = None,
 ) -> float:
     """One pass over the cached image features in a random order: the mean stage-1 loss of its steps.
 
@@ -114,6 +114,7 @@ def stage1_epoch(
     Args:
         features: ``[N, D]`` cached image features; ``pids``: ``[N]`` their identities.
         generator: draws the order (CPU generator); ``None`` uses the global one.
+        scaler: a gradient scaler for fp16 autocast (CLIP-ReID trains stage 1 with one).
     """
     if features.dim() != 2 or pids.shape != features.shape[:1]:
         raise InputError(f"stage1_epoch expects features [N, D] and pids [N], got {tuple(features.shape)} and "
@@ -134,8 +135,13 @@ def stage1_epoch(
         if not torch.isfinite(loss):
             raise InputError(f"stage 1: the loss is {loss.item()} at step {steps + 1}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         total += loss.item()
         steps += 1
     return total / steps
@@ -144,7 +150,7 @@ def stage1_epoch(
 def learn_prompts(
     prompts: PromptLearner, features: torch.Tensor, pids: torch.Tensor, config: Stage1Config = Stage1Config(),
     seed: int = 0, autocast: Optional[Callable[[], Any]] = None,
-    on_epoch: Optional[Callable[[int, float, float], None]] = None,
+    on_epoch: Optional[Callable[[int, float, float], None]] = None, scaler: Optional[torch.amp.GradScaler] = None,
 ) -> list[float]:
     """CLIP-ReID's stage 1 over cached image features: the mean loss of every epoch.
 
@@ -164,7 +170,7 @@ def learn_prompts(
         scheduler.step(epoch)
         lr = optimizer.param_groups[0]["lr"]
         loss = stage1_epoch(prompts, features, pids, optimizer, config.batch_size,
-                            torch.Generator().manual_seed(seed + epoch), autocast, supcon)
+                            torch.Generator().manual_seed(seed + epoch), autocast, supcon, scaler)
         history.append(loss)
         if on_epoch is not None:
             on_epoch(epoch, loss, lr)

@@ -264,9 +264,8 @@ class PromptLearner(nn.Module):
         param = text.token_embedding.weight
         self.cls_ctx = nn.Parameter(torch.empty(num_classes, n_ctx, width, dtype=param.dtype, device=param.device))
         nn.init.normal_(self.cls_ctx, std=0.02)
-        self.register_buffer("token_prefix", torch.empty(1, self.prefix_len, width, dtype=param.dtype))
-        self.register_buffer("token_suffix", torch.empty(1, ids.shape[1] - self.prefix_len - n_ctx, width,
-                                                         dtype=param.dtype))
+        self.register_buffer("token_prefix", param.new_empty(1, self.prefix_len, width))
+        self.register_buffer("token_suffix", param.new_empty(1, ids.shape[1] - self.prefix_len - n_ctx, width))
         self.embed_template()
 
     @property

@@ -81,8 +81,11 @@ class ClipReidTextStage(TrainHook):
         config = Stage1Config(epochs=recipe.stage1_epochs, batch_size=recipe.stage1_batch_size, lr=recipe.stage1_lr)
         rows: list[dict[str, Any]] = []
         seed = int(torch.randint(0, 2**31 - 1, (1,)))  # from the run's seeded generator: a repeatable order
+        amp = context.autocast()
+        fp16 = isinstance(amp, torch.autocast) and amp.fast_dtype == torch.float16
         learn_prompts(prompts, feats, pids, config, seed=seed, autocast=context.autocast,
-                      on_epoch=lambda e, loss, lr: rows.append({"epoch": e, "loss": loss, "lr": lr}))
+                      on_epoch=lambda e, loss, lr: rows.append({"epoch": e, "loss": loss, "lr": lr}),
+                      scaler=torch.amp.GradScaler(device.type) if fp16 else None)
         self.stage1_history = rows
         self.cls_ctx = prompts.cls_ctx.detach().clone()
         with context.autocast():
