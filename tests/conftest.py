@@ -14,3 +14,14 @@ def two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread while the test runs: for tiny tensors on a busy two-core machine the OpenMP
+    hand-offs of two threads take most of the time (a tiny stage-1 run measured 0.4 s at one thread,
+    14 s at two)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

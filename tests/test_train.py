@@ -194,9 +194,12 @@ def test_grad_checkpointing_trains_the_same_weights(market, tmp_path):
         assert torch.equal(a, b), key
 
 
-def test_clipreid_recipe_uses_adam_and_the_warmup_multistep_lr(market, tmp_path):
-    result = _tiny_train(market, tmp_path, recipe="clipreid", epochs=1, overrides={
-        **{k: v for k, v in TINY.items() if k != "img_size"}, "milestones": (1,)})
+def test_clipreid_recipe_uses_adam_and_the_warmup_multistep_lr(market, tmp_path, one_thread):
+    # a CLIP model (the recipe's text stage needs one) with a one-layer text tower and two stage-1 epochs
+    clip = {"patch_size": 8, "stride_size": 8, "width": 16, "layers": 1, "heads": 2, "output_dim": 16,
+            "text_width": 16, "text_layers": 1, "text_heads": 2, "stage1_epochs": 2}
+    result = _tiny_train(market, tmp_path, name="clip_b16", recipe="clipreid", epochs=1,
+                         overrides={**clip, "milestones": (1,)})
     state = torch.load(result.checkpoint, weights_only=True)
     groups = state["optimizer"]["param_groups"]
     assert all("betas" in g for g in groups)                                  # Adam

@@ -7,6 +7,7 @@ and any grid; ``build(name)`` assembles named backbone + neck + head models.
 
 from reid_ms import data, losses, metrics, optim
 from reid_ms.backbones.clip import ClipVisual
+from reid_ms.backbones.clip_text import ClipText, PromptLearner
 from reid_ms.backbones.vit import VitTrans
 from reid_ms.errors import (
     CheckpointError,
@@ -55,4 +56,6 @@ __all__ = [
     "UnsafeCheckpointError", "InferenceModelError",
     # how the blocks run, and the frozen inference copy
     "explain_path", "PathChoice", "optimize_for_inference", "InferenceModel",
+    # CLIP-ReID's text side
+    "ClipText", "PromptLearner",
 ]

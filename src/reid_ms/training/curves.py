@@ -36,20 +36,25 @@ def plot_curves(path: Path, history: Sequence[dict[str, Any]], title: str = "") 
     trained = [r for r in history if r.get("loss") is not None]
     evaluated = [r for r in history if r.get("mAP") is not None]
     # a Figure with its own canvas, not pyplot: no global backend or figure registry is touched
-    fig = Figure(figsize=(12, 3.4), layout="constrained")
+    # no evaluation yet (or none at all, as in CLIP-ReID's stage 1): no empty query / gallery panel
+    panels = 3 if evaluated else 2
+    fig = Figure(figsize=(4 * panels, 3.4), layout="constrained")
     FigureCanvasAgg(fig)
-    ax_loss, ax_lr, ax_map = fig.subplots(1, 3)
+    axes = list(fig.subplots(1, panels))
+    ax_loss, ax_lr = axes[:2]
     ax_loss.plot([r["epoch"] for r in trained], [r["loss"] for r in trained], marker=".", color="tab:red")
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
     ax_lr.plot([r["epoch"] for r in trained], [r["lr"] for r in trained], marker=".", color="tab:green")
     ax_lr.set(xlabel="epoch", ylabel="learning rate", title="learning rate")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    epochs = [r["epoch"] for r in evaluated]
-    ax_map.plot(epochs, [100 * r["mAP"] for r in evaluated], marker="o", label="mAP")
-    ax_map.plot(epochs, [100 * r["rank1"] for r in evaluated], marker="s", label="rank-1")
-    ax_map.set(xlabel="epoch", ylabel="%", title="query / gallery", ylim=(0, 100))
-    ax_map.legend(loc="lower right")
-    for ax in (ax_loss, ax_lr, ax_map):
+    if evaluated:
+        ax_map = axes[2]
+        epochs = [r["epoch"] for r in evaluated]
+        ax_map.plot(epochs, [100 * r["mAP"] for r in evaluated], marker="o", label="mAP")
+        ax_map.plot(epochs, [100 * r["rank1"] for r in evaluated], marker="s", label="rank-1")
+        ax_map.set(xlabel="epoch", ylabel="%", title="query / gallery", ylim=(0, 100))
+        ax_map.legend(loc="lower right")
+    for ax in axes:
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)

@@ -67,6 +67,7 @@ class TrainContext:
         recipe: the recipe with the run's overrides applied.
         device, rank, world_size, out: where the run happens and writes.
         autocast: ``autocast()`` is the mixed-precision context of the run (a no-op without ``amp``).
+        pretrained: the checkpoint the model was built from (``None``: none), for hooks that build more.
     """
 
     model: nn.Module
@@ -77,6 +78,7 @@ class TrainContext:
     world_size: int
     out: Path
     autocast: Callable[[], ContextManager[Any]]
+    pretrained: Optional[Path] = None
 
 
 @dataclass
@@ -354,7 +356,8 @@ class _Run:
         if world > 1:
             convert_sync_batchnorm(model)
             self.wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.context = TrainContext(model, self.data, recipe, device, rank, world, out, self.autocast)
+        self.context = TrainContext(model, self.data, recipe, device, rank, world, out, self.autocast,
+                                    None if pretrained is None else Path(pretrained))
 
     def autocast(self) -> ContextManager[Any]:
         if self.amp is None:

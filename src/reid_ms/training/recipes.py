@@ -72,6 +72,10 @@ class Recipe:
         flip_prob, padding, erase_prob: :func:`reid_ms.data.train_transform`'s augmentation.
         eval_every: evaluate on query / gallery every this many epochs (and after the last one).
         hooks: :class:`TrainHook` objects run with the recipe.
+        stage1_epochs, stage1_batch_size, stage1_lr, i2t_weight, text_width, text_layers, text_heads:
+            CLIP-ReID's text side (the ``clipreid`` recipe's hook, :mod:`reid_ms.training.clipreid`): the
+            prompt-learning stage's length, batch and Adam learning rate, the weight of the image-to-text
+            loss, and the text tower's size (CLIP ViT-B/16's: 512 wide, 12 layers, 8 heads).
     """
 
     name: str
@@ -102,13 +106,21 @@ class Recipe:
     erase_prob: float = 0.5
     eval_every: int = 10
     hooks: tuple[TrainHook, ...] = ()
+    stage1_epochs: int = 120
+    stage1_batch_size: int = 64
+    stage1_lr: float = 3.5e-4
+    i2t_weight: float = 1.0
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"recipe {self.name!r}: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"recipe {self.name!r}: scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
-        for key in ("epochs", "batch_size", "num_instances"):
+        for key in ("epochs", "batch_size", "num_instances", "stage1_epochs", "stage1_batch_size", "text_width",
+                    "text_layers", "text_heads"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"recipe {self.name!r}: {key} must be an int >= 1, got {value!r}")
@@ -182,6 +194,12 @@ CLIPREID = Recipe(
     milestones=(30, 50), gamma=0.1, warmup_factor=0.1, warmup_iters=10,
     id_weight=0.25, triplet_weight=1.0, label_smoothing=0.1, margin=0.3, camera_embedding=False,
 )
+
+# CLIP-ReID's stage 1 and image-to-text loss, as the clipreid recipe's hook. Imported here, below TrainHook
+# which it subclasses (the package imports this module first, so the cycle always resolves this way round).
+from reid_ms.training.clipreid import ClipReidTextStage  # noqa: E402
+
+CLIPREID = dataclasses.replace(CLIPREID, hooks=(ClipReidTextStage(),))
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (TRANSREID, CLIPREID)}
 

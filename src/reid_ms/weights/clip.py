@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from reid_ms.backbones.clip import ClipVisual
+from reid_ms.backbones.clip_text import ClipText, PromptLearner
 from reid_ms.errors import CheckpointError, ConfigError
 from reid_ms.weights._common import (
     LoadReport,
@@ -28,6 +29,7 @@ from reid_ms.weights._common import (
     memory_budget,
 )
 from reid_ms.weights._io import flatten_state_dict, read_checkpoint, strip_prefix
+from reid_ms.weights.clip_text import load_clip_text_weights
 
 # Entries of an OpenAI / open_clip model outside ``visual.``: the text tower, the contrastive head and
 # OpenAI's integer metadata. None of them is part of the image encoder.
@@ -174,8 +176,11 @@ def clip_checkpoint_filter(
     return visual, report, heads
 
 
-def load_clip_weights(model: ClipVisual, path: str | os.PathLike) -> LoadReport:
+def load_clip_weights(model: ClipVisual | ClipText | PromptLearner, path: str | os.PathLike) -> LoadReport:
     """Load a CLIP checkpoint file into ``model`` (a :class:`~reid_ms.ClipVisual`), all of it or nothing.
+
+    A :class:`~reid_ms.ClipText` or :class:`~reid_ms.PromptLearner` gets the text half of the same files
+    (:func:`reid_ms.weights.clip_text.load_clip_text_weights`).
 
     Reads OpenAI's TorchScript archives (without running TorchScript), OpenAI-layout and open_clip state
     dicts, ``.safetensors`` and CLIP-ReID-trained checkpoints. A square position table (OpenAI's 14x14)
@@ -186,8 +191,11 @@ def load_clip_weights(model: ClipVisual, path: str | os.PathLike) -> LoadReport:
     Returns:
         A :class:`~reid_ms.LoadReport` of what was loaded, ignored, resized and kept at initialisation.
     """
+    if isinstance(model, (ClipText, PromptLearner)):
+        return load_clip_text_weights(model, path)  # the text half of the same files
     if not isinstance(model, ClipVisual):
-        raise ConfigError(f"load_clip_weights loads into reid_ms.ClipVisual, got {type(model).__name__}; "
+        raise ConfigError(f"load_clip_weights loads into reid_ms.ClipVisual (or ClipText / PromptLearner), got "
+                          f"{type(model).__name__}; "
                           f"for a built model pass its backbone, for a VitTrans use load_vit_weights")
     path = os.fspath(path)
     obj, fmt = read_checkpoint(path, memory_budget(model))
