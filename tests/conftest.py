@@ -14,3 +14,61 @@ def two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
+
+
+class TinyModels:
+    """Registered models at a tiny size, the size picked from the model's spec (its backbone, neck, adapter).
+
+    ``args(name, **extra)``: the ``build`` overrides; ``build(name, seed=0, wake=False, **extra)``: the model,
+    built after ``torch.manual_seed(seed)``; with ``wake`` its zero-initialised layers (the dense neck's
+    windows, the light neck's pointwise projection) get small random values, as after a first optimiser
+    step, so that a test can see them act. ``images(batch, seed, img_size=None)``: seeded images of the
+    tiny size.
+    """
+
+    # 64x32 at stride 12: a 5 x 2 grid of overlapping patches, which no neck window divides
+    IMG = (64, 32)
+    BACKBONES = {
+        "VitTrans": dict(img_size=IMG, stride_size=12, embed_dim=32, depth=2, num_heads=4),
+        "ClipVisual": dict(img_size=IMG, stride_size=12, width=32, layers=2, heads=4, output_dim=24),
+    }
+    NECK = dict(scales=(2, 4))   # one window wider than the grid's width
+    ADAPT_DIM = 40
+
+    def args(self, name: str, **extra) -> dict:
+        from reid_ms.registry import get_spec
+
+        spec = get_spec(name)
+        args = dict(self.BACKBONES[spec.backbone.__name__])
+        if spec.neck_mode is not None:
+            args.update(self.NECK)
+        if spec.adapt_dim is not None:
+            args["adapt_dim"] = self.ADAPT_DIM
+        return {**args, **extra}
+
+    def build(self, name: str, *, seed: int = 0, wake: bool = False, **extra) -> torch.nn.Module:
+        import reid_ms
+
+        torch.manual_seed(seed)
+        model = reid_ms.build(name, **self.args(name, **extra))
+        if wake and model.neck is not None:
+            gen = torch.Generator().manual_seed(seed + 5)
+            with torch.no_grad():
+                for p in model.neck.parameters():
+                    if not p.any():
+                        p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        return model
+
+    def width(self, name: str, **extra) -> int:
+        """Width of one token reaching the head (the adapter's, else the backbone's out_dim)."""
+        args = self.args(name, **extra)
+        return args.get("adapt_dim", args.get("output_dim", args.get("embed_dim")))
+
+    def images(self, batch: int = 3, seed: int = 0, img_size: tuple[int, int] = IMG) -> torch.Tensor:
+        return torch.randn(batch, 3, *img_size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="session")
+def tiny() -> TinyModels:
+    """Tiny builds of registered models (see :class:`TinyModels`)."""
+    return TinyModels()

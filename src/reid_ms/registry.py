@@ -24,8 +24,7 @@ from reid_ms.backbones.clip import ClipVisual
 from reid_ms.backbones.vit import VitTrans
 from reid_ms.errors import ConfigError
 from reid_ms.heads import BNNeckHead
-from reid_ms.model import ReIDModel
-from reid_ms.models import JPMReIDModel, MultiModalReIDModel
+from reid_ms.models import JPMReIDModel, MultiModalReIDModel, ReIDModel
 from reid_ms.models.multimodal import load_multimodal_weights
 from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow
 from reid_ms.weights import load_clip_weights, load_vit_weights

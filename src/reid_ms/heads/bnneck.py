@@ -7,9 +7,25 @@ from typing import Optional
 import torch
 from torch import nn
 
+from reid_ms._validate import positive_int
 from reid_ms.errors import ConfigError, InputError
 
 NECK_FEATS = ("before", "after")
+
+
+def check_neck_feat(neck_feat: str) -> str:
+    if neck_feat not in NECK_FEATS:
+        raise ConfigError(f"neck_feat must be one of {NECK_FEATS}, got {neck_feat!r}")
+    return neck_feat
+
+
+def new_classifier(feat_dim: int, num_classes: int, like: torch.Tensor) -> Optional[nn.Linear]:
+    """TransReID's bias-free classifier (weights ``N(0, 0.001^2)``) on ``like``'s device and dtype, or ``None``."""
+    if num_classes == 0:
+        return None
+    classifier = nn.Linear(feat_dim, num_classes, bias=False, device=like.device, dtype=like.dtype)
+    nn.init.normal_(classifier.weight, std=0.001)
+    return classifier
 
 
 class BNNeckHead(nn.Module):
@@ -34,28 +50,31 @@ class BNNeckHead(nn.Module):
     Checkpoint keys follow TransReID's: ``bottleneck.*`` and ``classifier.weight``.
     """
 
-    def __init__(self, feat_dim: int, num_classes: int = 0, neck_feat: str = "before") -> None:
+    def __init__(self, feat_dim: int, *, num_classes: int = 0, neck_feat: str = "before") -> None:
         super().__init__()
-        if not isinstance(feat_dim, int) or isinstance(feat_dim, bool) or feat_dim < 1:
-            raise ConfigError(f"feat_dim must be a positive int, got {feat_dim!r}")
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
-            raise ConfigError(f"num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}")
-        if neck_feat not in NECK_FEATS:
-            raise ConfigError(f"neck_feat must be one of {NECK_FEATS}, got {neck_feat!r}")
-        self.feat_dim = feat_dim
-        self.num_classes = num_classes
-        self.neck_feat = neck_feat
+        self.feat_dim = positive_int(feat_dim, "feat_dim", owner="BNNeckHead")
+        self.neck_feat = check_neck_feat(neck_feat)
         self.bottleneck = nn.BatchNorm1d(feat_dim)
         # a shift before a bias-free classifier only moves every logit of a sample together; frozen at 0
         # as in the BNNeck paper, so the BatchNorm only normalises and scales
         self.bottleneck.bias.requires_grad_(False)
-        self.classifier = nn.Linear(feat_dim, num_classes, bias=False) if num_classes > 0 else None
-        self.reset_parameters()
+        self.reset_classifier(num_classes)
 
     def reset_parameters(self) -> None:
-        self.bottleneck.reset_parameters()  # weight 1, bias 0, fresh running statistics
+        self.bottleneck.reset_parameters()
         if self.classifier is not None:
             nn.init.normal_(self.classifier.weight, std=0.001)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> Optional[nn.Linear]:
+        """The bias-free identity classifier ``Linear(D, num_classes)``, ``None`` without one."""
+        return self.classifier
+
+    @torch.jit.ignore
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh classifier for ``num_classes`` identities (0: none); the BatchNorm is kept."""
+        self.num_classes = positive_int(num_classes, "num_classes", minimum=0, owner="BNNeckHead")
+        self.classifier = new_classifier(self.feat_dim, num_classes, self.bottleneck.weight)
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor | tuple[Optional[torch.Tensor], torch.Tensor]:
         """``[B, D]`` -> eval: ``[B, D]``; train: ``(logits [B, num_classes] or None, feature [B, D])``."""

@@ -7,8 +7,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from reid_ms.errors import ConfigError, InputError
-from reid_ms.heads.bnneck import NECK_FEATS
+from reid_ms._validate import positive_int
+from reid_ms.errors import InputError
+from reid_ms.heads.bnneck import check_neck_feat, new_classifier
 
 
 class MultiBranchBNNeckHead(nn.Module):
@@ -38,32 +39,35 @@ class MultiBranchBNNeckHead(nn.Module):
         feat_dim: ``K * D``, the width of the eval embedding.
     """
 
-    def __init__(self, branch_dim: int, branches: int, num_classes: int = 0, neck_feat: str = "before",
+    def __init__(self, branch_dim: int, branches: int, *, num_classes: int = 0, neck_feat: str = "before",
                  local_scale: float = 1.0) -> None:
         super().__init__()
-        for name, value in (("branch_dim", branch_dim), ("branches", branches)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"MultiBranchBNNeckHead: {name} must be a positive int, got {value!r}")
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
-            raise ConfigError(f"num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}")
-        if neck_feat not in NECK_FEATS:
-            raise ConfigError(f"neck_feat must be one of {NECK_FEATS}, got {neck_feat!r}")
-        self.branch_dim = branch_dim
-        self.branches = branches
+        self.branch_dim = positive_int(branch_dim, "branch_dim", owner="MultiBranchBNNeckHead")
+        self.branches = positive_int(branches, "branches", owner="MultiBranchBNNeckHead")
         self.feat_dim = branch_dim * branches
-        self.num_classes = num_classes
-        self.neck_feat = neck_feat
+        self.neck_feat = check_neck_feat(neck_feat)
         self.local_scale = float(local_scale)
         self.bottleneck = nn.BatchNorm1d(self.feat_dim)
         self.bottleneck.bias.requires_grad_(False)  # as in BNNeckHead: a bias-free classifier follows
-        self.classifiers = (nn.ModuleList(nn.Linear(branch_dim, num_classes, bias=False) for _ in range(branches))
-                            if num_classes > 0 else None)
-        self.reset_parameters()
+        self.reset_classifier(num_classes)
 
     def reset_parameters(self) -> None:
         self.bottleneck.reset_parameters()
         for classifier in self.classifiers or ():
             nn.init.normal_(classifier.weight, std=0.001)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> Optional[nn.ModuleList]:
+        """The per-branch bias-free classifiers, ``None`` without them."""
+        return self.classifiers
+
+    @torch.jit.ignore
+    def reset_classifier(self, num_classes: int) -> None:
+        """Fresh classifiers for ``num_classes`` identities (0: none); the BatchNorms are kept."""
+        self.num_classes = positive_int(num_classes, "num_classes", minimum=0, owner="MultiBranchBNNeckHead")
+        like = self.bottleneck.weight
+        self.classifiers = (nn.ModuleList(new_classifier(self.branch_dim, num_classes, like)
+                                          for _ in range(self.branches)) if num_classes > 0 else None)
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor | tuple[Optional[tuple[torch.Tensor, ...]],
                                                                      tuple[torch.Tensor, ...]]:

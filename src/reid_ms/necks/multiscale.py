@@ -32,6 +32,7 @@ from einops import rearrange
 from torch import nn
 
 from reid_ms.backbones._fast import fused_kernels_usable, linear_onednn
+from reid_ms._validate import positive_int
 from reid_ms.errors import ConfigError, InputError
 
 MODES = ("dense", "light")
@@ -107,10 +108,9 @@ class MultiScaleSlidingWindow(nn.Module):
     zero-initialised low-rank adapter does.
     """
 
-    def __init__(self, feat_dim: int, scales: Sequence[int] = (4, 8, 16), mode: str = "dense") -> None:
+    def __init__(self, feat_dim: int, scales: Sequence[int] = (4, 8, 16), *, mode: str = "dense") -> None:
         super().__init__()
-        if not isinstance(feat_dim, int) or isinstance(feat_dim, bool) or feat_dim < 1:
-            raise ConfigError(f"feat_dim must be a positive int, got {feat_dim!r}")
+        positive_int(feat_dim, "feat_dim", owner="MultiScaleSlidingWindow")
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
         self.feat_dim = feat_dim
