@@ -19,10 +19,11 @@ def two_threads():
 class TinyModels:
     """Registered models at a tiny size, the size picked from the model's spec (its backbone, neck, adapter).
 
-    ``args(name, **extra)``: the ``build`` overrides; ``build(name, seed=0, wake=False, **extra)``: the model,
-    built after ``torch.manual_seed(seed)``; with ``wake`` its zero-initialised layers (the dense neck's
-    windows, the light neck's pointwise projection) get small random values, as after a first optimiser
-    step, so that a test can see them act. ``images(batch, seed, img_size=None)``: seeded images of the
+    ``args(name, blocks=None, **extra)``: the ``build`` overrides; ``build(name, seed=0, wake=False,
+    randomize=False, **extra)``: the model, built after ``torch.manual_seed(seed)``; with ``wake`` its
+    zero-initialised layers (the dense neck's windows, the light neck's pointwise projection) get small
+    random values, as after a first optimiser step, so that a test can see them act; with ``randomize``
+    every parameter and the BNNeck's statistics do. ``images(batch, seed, img_size=None)``: seeded images of the
     tiny size.
     """
 
@@ -35,23 +36,36 @@ class TinyModels:
     NECK = dict(scales=(2, 4))   # one window wider than the grid's width
     ADAPT_DIM = 40
 
-    def args(self, name: str, **extra) -> dict:
+    def args(self, name: str, *, blocks: int | None = None, **extra) -> dict:
+        """``build`` overrides; ``blocks`` sets the backbone's depth (``depth`` / ``layers``)."""
         from reid_ms.registry import get_spec
 
         spec = get_spec(name)
         args = dict(self.BACKBONES[spec.backbone.__name__])
+        if blocks is not None:
+            args["depth" if "depth" in args else "layers"] = blocks
         if spec.neck_mode is not None:
             args.update(self.NECK)
         if spec.adapt_dim is not None:
             args["adapt_dim"] = self.ADAPT_DIM
         return {**args, **extra}
 
-    def build(self, name: str, *, seed: int = 0, wake: bool = False, **extra) -> torch.nn.Module:
+    def build(self, name: str, *, seed: int = 0, wake: bool = False, randomize: bool = False,
+              **extra) -> torch.nn.Module:
         import reid_ms
 
         torch.manual_seed(seed)
         model = reid_ms.build(name, **self.args(name, **extra))
-        if wake and model.neck is not None:
+        if randomize:
+            # every parameter and BatchNorm statistic away from its initialisation: a fresh dense neck is
+            # zero and a fresh BNNeck the identity, so a test on a fresh model would not see them act
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.copy_(torch.randn_like(param) * 0.2)
+                bn = model.head.bottleneck
+                bn.running_mean.copy_(torch.randn_like(bn.running_mean))
+                bn.running_var.copy_(torch.rand_like(bn.running_var) + 0.5)
+        elif wake and model.neck is not None:
             gen = torch.Generator().manual_seed(seed + 5)
             with torch.no_grad():
                 for p in model.neck.parameters():
