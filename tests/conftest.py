@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -73,6 +76,15 @@ class TinyModels:
                         p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
         return model
 
+    def backbone(self, kind: str, *, seed: int = 0, **extra) -> torch.nn.Module:
+        """A tiny ``VitTrans`` (``kind="vit"``, no drop path) or ``ClipVisual`` (``"clip"``), seeded."""
+        import reid_ms
+
+        cls = {"vit": reid_ms.VitTrans, "clip": reid_ms.ClipVisual}[kind]
+        args = dict(self.BACKBONES[cls.__name__], **({"drop_path_rate": 0.0} if kind == "vit" else {}))
+        torch.manual_seed(seed)
+        return cls(**{**args, **extra})
+
     def width(self, name: str, **extra) -> int:
         """Width of one token reaching the head (the adapter's, else the backbone's out_dim)."""
         args = self.args(name, **extra)
@@ -80,6 +92,18 @@ class TinyModels:
 
     def images(self, batch: int = 3, seed: int = 0, img_size: tuple[int, int] = IMG) -> torch.Tensor:
         return torch.randn(batch, 3, *img_size, generator=torch.Generator().manual_seed(seed))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """``free_port()``: a TCP port on 127.0.0.1 that nothing listens on now."""
+    return _free_port
 
 
 @pytest.fixture(scope="session")
