@@ -5,14 +5,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
 from reid_ms._validate import positive_int
-from reid_ms.errors import InputError
-from reid_ms.heads.bnneck import check_neck_feat, new_classifier
+from reid_ms.heads.bnneck import BNNeckBase
 
 
-class MultiBranchBNNeckHead(nn.Module):
+class MultiBranchBNNeckHead(BNNeckBase):
     """A BNNeck for each of ``branches`` features of width ``branch_dim``, concatenated.
 
     The input is the branches' features side by side, ``[B, branches * branch_dim]``, the first one the
@@ -41,44 +39,15 @@ class MultiBranchBNNeckHead(nn.Module):
 
     def __init__(self, branch_dim: int, branches: int, *, num_classes: int = 0, neck_feat: str = "before",
                  local_scale: float = 1.0) -> None:
-        super().__init__()
         self.branch_dim = positive_int(branch_dim, "branch_dim", owner="MultiBranchBNNeckHead")
         self.branches = positive_int(branches, "branches", owner="MultiBranchBNNeckHead")
-        self.feat_dim = branch_dim * branches
-        self.neck_feat = check_neck_feat(neck_feat)
         self.local_scale = float(local_scale)
-        self.bottleneck = nn.BatchNorm1d(self.feat_dim)
-        self.bottleneck.bias.requires_grad_(False)  # as in BNNeckHead: a bias-free classifier follows
-        self.reset_classifier(num_classes)
-
-    def reset_parameters(self) -> None:
-        self.bottleneck.reset_parameters()
-        for classifier in self.classifiers or ():
-            nn.init.normal_(classifier.weight, std=0.001)
-
-    @torch.jit.ignore
-    def get_classifier(self) -> Optional[nn.ModuleList]:
-        """The per-branch bias-free classifiers, ``None`` without them."""
-        return self.classifiers
-
-    @torch.jit.ignore
-    def reset_classifier(self, num_classes: int) -> None:
-        """Fresh classifiers for ``num_classes`` identities (0: none); the BatchNorms are kept."""
-        self.num_classes = positive_int(num_classes, "num_classes", minimum=0, owner="MultiBranchBNNeckHead")
-        like = self.bottleneck.weight
-        self.classifiers = (nn.ModuleList(new_classifier(self.branch_dim, num_classes, like)
-                                          for _ in range(self.branches)) if num_classes > 0 else None)
+        super().__init__(branch_dim * branches, num_classes, neck_feat)
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor | tuple[Optional[tuple[torch.Tensor, ...]],
                                                                      tuple[torch.Tensor, ...]]:
         """``[B, K * D]`` -> eval: ``[B, K * D]``; train: ``(logits per branch or None, features per branch)``."""
-        if not isinstance(feature, torch.Tensor) or feature.dim() != 2 or feature.shape[1] != self.feat_dim:
-            shape = tuple(feature.shape) if isinstance(feature, torch.Tensor) else type(feature).__name__
-            raise InputError(f"MultiBranchBNNeckHead expects features [B, {self.branches} * {self.branch_dim}], "
-                             f"got {shape}")
-        if self.training and feature.shape[0] < 2:
-            raise InputError(f"MultiBranchBNNeckHead in train mode needs a batch of at least 2 (BatchNorm "
-                             f"statistics), got {feature.shape[0]}; call model.eval() for inference")
+        self._check(feature, f"{self.branches} * {self.branch_dim}")
         if not self.training:
             out = self.bottleneck(feature) if self.neck_feat == "after" else feature
             d = self.branch_dim

@@ -1,9 +1,7 @@
 """What every built model shares, in timm's shape: ``forward = forward_head(forward_features(...))``.
 
 ``forward_features(inputs, cam_label=None, view_label=None)`` returns tokens after the neck,
-``forward_head(tokens, pre_logits=False)`` pools them and applies the head. :class:`ReIDModel` is the plain
-``backbone -> (width adapter) -> (neck) -> CLS -> BNNeck`` model; the models in this package with another
-structure (:class:`~reid_ms.JPMReIDModel`, :class:`~reid_ms.MultiModalReIDModel`) change only what differs.
+``forward_head(tokens, pre_logits=False)`` pools them and applies the head.
 """
 
 from __future__ import annotations
@@ -35,8 +33,8 @@ def random_inputs(backbone: nn.Module, image_names: tuple[str, ...], batch: int,
     if not hasattr(backbone, "img_size") or not hasattr(backbone, "in_chans"):
         raise ConfigError(f"cannot make inputs for {type(backbone).__name__}: expected a reid_ms model "
                           f"(reid_ms.build) or backbone with img_size and in_chans attributes")
-    shape = (batch, backbone.in_chans, *backbone.img_size)
-    inputs = {name: torch.randn(shape, generator=generator) for name in image_names}
+    inputs = {name: torch.randn(batch, backbone.in_chans, *backbone.img_size, generator=generator)
+              for name in image_names}
     for name, count in label_counts(backbone).items():
         inputs[name] = torch.randint(0, count, (batch,), generator=generator)
     # drawn on the CPU (so a seed gives the same inputs everywhere), then moved to the model
@@ -50,7 +48,7 @@ def pack_call(image_names: tuple[str, ...], inputs: dict[str, torch.Tensor]) -> 
 
 
 def _backbone_switch(name: str, doc: str) -> Callable[..., None]:
-    """A model method that forwards the backbone's switch ``name(enable)``; the backbone must have it."""
+    """A model method calling the backbone's switch ``name(enable)``."""
 
     def switch(self: BuiltModel, enable: bool = True) -> None:
         method = getattr(self.backbone, name, None)
@@ -64,28 +62,24 @@ def _backbone_switch(name: str, doc: str) -> Callable[..., None]:
 
 
 class BuiltModel(nn.Module):
-    """What every model :func:`~reid_ms.build` returns shares, whatever its structure.
+    """What every model :func:`~reid_ms.build` returns shares: a backbone with ``grid_size`` and ``out_dim``,
+    an optional width adapter, an optional neck as wide as the tokens reaching it, a head (set by the
+    subclass), ``model_name`` and ``load_report`` (``None`` for a model assembled by hand).
 
-    A backbone with a patch grid (``grid_size``, ``out_dim``), an optional width adapter, an optional
-    neck as wide as the tokens reaching it, a head (set by the subclass), and the record of how ``build``
-    made it: ``model_name`` and ``load_report`` (``None`` for a model assembled by hand).
-
-    Subclasses define ``forward_features`` (inputs -> tokens after the neck) and ``pool`` (those tokens ->
-    the feature ``[B, feat_dim]`` the head takes); ``forward_head`` and ``forward`` are shared.
+    Subclasses with another structure override ``forward_features`` (inputs -> tokens after the neck) and
+    ``pool`` (those tokens -> the feature ``[B, feat_dim]`` the head takes).
     """
 
     head: nn.Module
-    #: graph input names of the images; a multi-modal model has one per modality
-    image_names: tuple[str, ...] = ("images",)
+    image_names: tuple[str, ...] = ("images",)  # graph input names of the images
 
     def __init__(self, backbone: nn.Module, neck: Optional[MultiScaleSlidingWindow] = None, *,
                  adapter: Optional[DimAdapter] = None) -> None:
         super().__init__()
-        owner = type(self).__name__
         for attr in ("grid_size", "out_dim"):
             if not hasattr(backbone, attr):
-                raise ConfigError(f"{owner} needs a backbone with a {attr!r} attribute (like reid_ms.VitTrans "
-                                  f"and reid_ms.ClipVisual); {type(backbone).__name__} has none")
+                raise ConfigError(f"{type(self).__name__} needs a backbone with a {attr!r} attribute (like "
+                                  f"reid_ms.VitTrans and reid_ms.ClipVisual); {type(backbone).__name__} has none")
         width = backbone.out_dim
         if adapter is not None:
             if adapter.in_dim != width:
@@ -95,9 +89,7 @@ class BuiltModel(nn.Module):
         if neck is not None and neck.feat_dim != width:
             raise ConfigError(f"the neck is {neck.feat_dim} wide but the tokens reaching it are {width} wide; "
                               f"build MultiScaleSlidingWindow(feat_dim={width}, ...)")
-        self.backbone = backbone
-        self.adapter = adapter
-        self.neck = neck
+        self.backbone, self.adapter, self.neck = backbone, adapter, neck
         self.token_dim = width
         self.model_name: Optional[str] = None
         self.load_report: Optional[LoadReport] = None
@@ -109,13 +101,10 @@ class BuiltModel(nn.Module):
 
     @property
     def feat_dim(self) -> int:
-        """Width of the embedding (the head's width)."""
+        """Width of the embedding (the head's)."""
         return self.head.feat_dim
 
-    @property
-    def num_features(self) -> int:
-        """timm's name for :attr:`feat_dim`: the width of ``forward_head(..., pre_logits=True)``."""
-        return self.head.feat_dim
+    num_features = feat_dim  # timm's name: the width of forward_head(..., pre_logits=True)
 
     @property
     def num_classes(self) -> int:
@@ -128,7 +117,7 @@ class BuiltModel(nn.Module):
         return tokens if self.adapter is None else self.adapter(tokens)
 
     def with_neck(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``[B, 1 + H*W, token_dim]`` -> the same with the neck's context added to the CLS (no neck: as is)."""
+        """Tokens ``[B, 1 + H*W, token_dim]`` with the neck's context added to the CLS (no neck: as they are)."""
         return tokens if self.neck is None else self.neck(tokens, self.grid_size)
 
     def forward_features(self, images: torch.Tensor, cam_label: Label = None,
@@ -141,8 +130,8 @@ class BuiltModel(nn.Module):
         return tokens[:, 0]
 
     def forward_head(self, tokens: Any, pre_logits: bool = False) -> Any:
-        """Tokens from :meth:`forward_features` -> with ``pre_logits`` the pooled feature ``[B, feat_dim]``,
-        else the head's output (eval: the embedding ``[B, feat_dim]``; train: ``(logits, feature)``)."""
+        """Tokens from :meth:`forward_features` -> the pooled feature ``[B, feat_dim]`` (``pre_logits``) or
+        the head's output (eval: the embedding ``[B, feat_dim]``; train: ``(logits, feature)``)."""
         feature = self.pool(tokens)
         return feature if pre_logits else self.head(feature)
 
@@ -152,7 +141,7 @@ class BuiltModel(nn.Module):
 
     @torch.jit.ignore
     def get_classifier(self) -> Optional[nn.Module]:
-        """The identity classifier(s) of the head, ``None`` without one (timm's name)."""
+        """The head's identity classifier(s), ``None`` without."""
         return self.head.get_classifier()
 
     @torch.jit.ignore
@@ -160,12 +149,11 @@ class BuiltModel(nn.Module):
         """A fresh classifier for ``num_classes`` identities (0: none), e.g. to fine-tune on another data set."""
         self.head.reset_classifier(num_classes)
 
-    set_grad_checkpointing = _backbone_switch(
-        "set_grad_checkpointing", "The backbone's ``set_grad_checkpointing(enable)``: recompute block "
-        "activations in the backward pass to save memory.")
-    set_fused_inference = _backbone_switch(
-        "set_fused_inference", "The backbone's ``set_fused_inference(enable)``: CPU fp32 inference through "
-        "packed-weight kernels (same outputs).")
+    set_grad_checkpointing = _backbone_switch("set_grad_checkpointing", "The backbone's "
+                                              "``set_grad_checkpointing(enable)``: recompute block activations "
+                                              "in the backward pass to save memory.")
+    set_fused_inference = _backbone_switch("set_fused_inference", "The backbone's ``set_fused_inference(enable)``: "
+                                           "CPU fp32 inference through packed-weight kernels (same outputs).")
 
     @torch.jit.ignore
     def parts(self) -> dict[str, Optional[nn.Module]]:
@@ -174,32 +162,28 @@ class BuiltModel(nn.Module):
 
     @torch.jit.ignore
     def input_names(self) -> list[str]:
-        """Names of the inputs a call takes: :attr:`image_names`, then the labels the backbone's tables need."""
+        """Names of a call's inputs: :attr:`image_names`, then the labels the backbone's tables need."""
         return [*self.image_names, *label_counts(self.backbone)]
 
     @torch.jit.ignore
     def example_inputs(self, batch: int = 2, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
-        """Random inputs the model accepts, by :meth:`input_names`: images ``[batch, C, img_h, img_w]``
-        float32, labels ``[batch]`` int64 in range; on the model's device. :meth:`call_args` makes the call."""
+        """Random inputs by :meth:`input_names` (labels in range), on the model's device."""
         return random_inputs(self.backbone, self.image_names, batch, generator, next(self.parameters()).device)
 
     @torch.jit.ignore
-    def call_args(self, inputs: dict[str, torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, torch.Tensor]]:
-        """Inputs by name (as :meth:`example_inputs` returns them) -> ``(args, kwargs)`` of ``model(...)``:
-        ``model(images, cam_label=..., view_label=...)``, or with one image batch per modality
-        ``model({"rgb": ..., "nir": ..., "tir": ...}, ...)``."""
+    def call_args(self, inputs: dict[str, torch.Tensor]) -> tuple[tuple[Any], dict[str, Any]]:
+        """Inputs by name -> ``(args, kwargs)`` of the call: ``model(images, cam_label=...)``, or with one image
+        batch per modality ``model({"rgb": ..., "nir": ..., "tir": ...}, cam_label=...)``."""
         return pack_call(self.image_names, inputs)
 
 
 class ReIDModel(BuiltModel):
     """Backbone, optional width adapter, optional neck and a BNNeck head, called like the backbone.
 
-    ``forward(images, cam_label=None, view_label=None)``: the backbone returns every token
-    ``[B, 1 + H*W, out_dim]``; the adapter (if any) projects them to the neck's width; the neck (if any)
-    adds its multi-scale context to the CLS; the CLS goes through the head. Eval mode returns the
-    embedding ``[B, feat_dim]``; train mode ``(logits [B, num_classes] or None, feature [B, feat_dim])``
-    (see :class:`~reid_ms.BNNeckHead`). ``forward_features`` returns the tokens after the neck,
-    ``forward_head(tokens, pre_logits=False)`` the head's output (the CLS itself with ``pre_logits``).
+    The backbone returns every token ``[B, 1 + H*W, out_dim]``; the adapter (if any) projects them to the
+    neck's width; the neck (if any) adds its multi-scale context to the CLS (:meth:`forward_features`
+    returns these tokens); the CLS goes through the head. Eval mode returns the embedding ``[B, feat_dim]``;
+    train mode ``(logits [B, num_classes] or None, feature [B, feat_dim])`` (see :class:`~reid_ms.BNNeckHead`).
 
     Args:
         backbone: any module with ``forward(images, cam_label, view_label) -> [B, 1 + H*W, out_dim]``
@@ -207,19 +191,13 @@ class ReIDModel(BuiltModel):
         neck: a :class:`~reid_ms.MultiScaleSlidingWindow` of width ``feat_dim``, or ``None``.
         head: a :class:`~reid_ms.BNNeckHead` of width ``feat_dim``; ``None`` builds one without classifier.
         adapter: a :class:`~reid_ms.DimAdapter` from ``backbone.out_dim`` to the neck's width, or ``None``.
-
-    Attributes:
-        feat_dim: width of the embedding (the adapter's ``out_dim`` if there is one, else the backbone's).
-        model_name: the registered name it was built from (:func:`~reid_ms.build`), else ``None``.
-        load_report: the :class:`~reid_ms.LoadReport` of ``build(..., pretrained=path)``, else ``None``.
     """
 
     def __init__(self, backbone: nn.Module, neck: Optional[MultiScaleSlidingWindow] = None, *,
                  head: Optional[BNNeckHead] = None, adapter: Optional[DimAdapter] = None) -> None:
         super().__init__(backbone, neck, adapter=adapter)
-        width = self.token_dim
-        head = BNNeckHead(width) if head is None else head
-        if head.feat_dim != width:
-            raise ConfigError(f"the head is {head.feat_dim} wide but the features reaching it are {width} wide; "
-                              f"build BNNeckHead(feat_dim={width}, ...)")
+        head = BNNeckHead(self.token_dim) if head is None else head
+        if head.feat_dim != self.token_dim:
+            raise ConfigError(f"the head is {head.feat_dim} wide but the features reaching it are {self.token_dim} "
+                              f"wide; build BNNeckHead(feat_dim={self.token_dim}, ...)")
         self.head = head

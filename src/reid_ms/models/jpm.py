@@ -26,7 +26,8 @@ class JPMReIDModel(BuiltModel):
 
     ``forward_features``: the global feature (``b1``'s CLS), then the ``divide_length`` local CLS features
     of ``b2`` (see :class:`~reid_ms.JigsawPatchNeck`), as tokens ``[B, 1 + divide_length, D]``;
-    ``forward_head`` puts them side by side, ``[B, (1 + divide_length) * D]``, for the head. The head (:class:`~reid_ms.MultiBranchBNNeckHead`) has one BNNeck per branch; eval returns
+    ``forward_head`` puts them side by side, ``[B, (1 + divide_length) * D]``, for the head
+    (:class:`~reid_ms.MultiBranchBNNeckHead`, one BNNeck per branch); eval returns
     ``cat(global, local_1 / divide_length, ...)`` before or after them: 3840 wide at ViT-B.
 
     With a multi-scale neck (``vit_b16_ms_jpm``) the neck reads ``b1``'s output tokens: those are the

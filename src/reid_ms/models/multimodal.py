@@ -59,10 +59,6 @@ class MultiModalReIDModel(BuiltModel):
         missing: a modality absent from the input: ``"error"`` (default) raises :class:`~reid_ms.InputError`;
             ``"zeros"`` puts a zero embedding in its place (in train and eval mode alike), so a model trained
             on all modalities can be evaluated on fewer with the same embedding width.
-
-    Attributes:
-        feat_dim: ``len(modalities) * D``.
-        model_name, load_report: set by :func:`~reid_ms.build`.
     """
 
     image_names = MODALITIES
