@@ -31,6 +31,7 @@ class BNNeckBase(nn.Module):
         self.bottleneck.bias.requires_grad_(False)
         self.reset_classifier(num_classes)
 
+    @torch.jit.ignore
     def reset_parameters(self) -> None:
         self.bottleneck.reset_parameters()  # weight 1, bias 0, fresh running statistics
         for layer in self.modules():
