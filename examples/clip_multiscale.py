@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         for name, model in models.items():
             backbone_tokens.append(model.backbone(images, cam_label=cams))
-            tokens = model.forward_tokens(images, cam_label=cams)
+            tokens = model.forward_features(images, cam_label=cams)
             model(images, cam_label=cams)                      # warm-up
             start = time.perf_counter()
             emb = model(images, cam_label=cams)

@@ -16,33 +16,26 @@ import pytest
 import torch
 
 import reid_ms
-from reid_ms import ClipVisual, VitTrans
-from reid_ms.registry import get_spec
 
-TINY = {
-    VitTrans: dict(img_size=(64, 32), embed_dim=32, depth=2, num_heads=4),
-    ClipVisual: dict(img_size=(64, 32), width=32, layers=2, heads=4, output_dim=16),
-}
 CAMERAS = 3
 
 
-def build(name: str, seed: int) -> reid_ms.ReIDModel:
-    spec = get_spec(name)
-    overrides = dict(TINY[spec.backbone], camera_num=CAMERAS, num_classes=5)
-    if spec.neck_mode is not None:
-        overrides["scales"] = (2, 4)
-    if spec.adapt_dim is not None:
-        overrides["adapt_dim"] = 24
-    torch.manual_seed(seed)
-    model = reid_ms.build(name, **overrides).eval()
-    # BatchNorm statistics and weights away from their init, so a lost buffer shows in the output
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-        model.head.bottleneck.running_mean.normal_()
-        model.head.bottleneck.running_var.uniform_(0.5, 2.0)
-    model.head.neck_feat = "after"  # the embedding then goes through the BNNeck's statistics
-    return model
+@pytest.fixture
+def build(tiny):
+    """``build(name, seed)``: a tiny model, weights and BNNeck statistics nudged off their initialisation."""
+
+    def build(name: str, seed: int) -> torch.nn.Module:
+        model = tiny.build(name, seed=seed, camera_num=CAMERAS, num_classes=5).eval()
+        # BatchNorm statistics and weights away from their init, so a lost buffer shows in the output
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+            model.head.bottleneck.running_mean.normal_()
+            model.head.bottleneck.running_var.uniform_(0.5, 2.0)
+        model.head.neck_feat = "after"  # the embedding then goes through the BNNeck's statistics
+        return model
+
+    return build
 
 
 IMAGES = torch.randn(4, 3, 64, 32, generator=torch.Generator().manual_seed(1))
@@ -66,14 +59,14 @@ def name(request):
     return request.param
 
 
-def test_eval_outputs_repeat_exactly(name):
+def test_eval_outputs_repeat_exactly(name, build):
     model = build(name, seed=0)
     first = embed(model)
     assert torch.isfinite(first).all()
     assert torch.equal(embed(model), first)
 
 
-def test_same_seed_same_model(name):
+def test_same_seed_same_model(name, build):
     a, b = build(name, seed=0), build(name, seed=0)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
@@ -81,7 +74,7 @@ def test_same_seed_same_model(name):
     assert not torch.equal(embed(build(name, seed=1)), embed(a))
 
 
-def test_state_dict_save_load_round_trip(name):
+def test_state_dict_save_load_round_trip(name, build):
     source = build(name, seed=0)
     buf = io.BytesIO()
     torch.save(source.state_dict(), buf)
@@ -92,7 +85,7 @@ def test_state_dict_save_load_round_trip(name):
     assert torch.equal(embed(target), embed(source))
 
 
-def test_deepcopy_is_equal_and_independent(name):
+def test_deepcopy_is_equal_and_independent(name, build):
     model = build(name, seed=0)
     expected = embed(model)
     clone = copy.deepcopy(model)
@@ -103,14 +96,14 @@ def test_deepcopy_is_equal_and_independent(name):
     assert not torch.equal(embed(clone), expected)
 
 
-def test_pickle_round_trip(name):
+def test_pickle_round_trip(name, build):
     model = build(name, seed=0)
     restored = pickle.loads(pickle.dumps(model))
     assert type(restored) is type(model) and restored.model_name == name
     assert torch.equal(embed(restored), embed(model))
 
 
-def test_embedding_does_not_depend_on_the_rest_of_the_batch(name):
+def test_embedding_does_not_depend_on_the_rest_of_the_batch(name, build):
     model = build(name, seed=0)
     batch = embed(model)
     with torch.no_grad():

@@ -26,17 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from _helpers_dist import free_port, join_gloo, spawn
+from _helpers_dist import join_gloo, spawn
 import reid_ms
 from reid_ms.distributed import SyncBatchNorm
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
-MODELS = {
-    "vit_b16_ms": dict(img_size=(64, 32), embed_dim=32, depth=2, num_heads=4, drop_path_rate=0.0, scales=(2, 4)),
-    "clip_b16_adapt_ms": dict(img_size=(64, 32), width=32, layers=2, heads=4, output_dim=16, adapt_dim=24,
-                              scales=(2, 4)),
-}
+MODELS = ["vit_b16_ms", "clip_b16_adapt_ms"]
 CLASSES, CAMERAS, BATCH = 4, 3, 4
 
 
@@ -58,10 +54,10 @@ def _convert_bnneck(model: reid_ms.ReIDModel) -> list[torch.Tensor]:
     return features
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, out: str, builds: dict[str, dict]) -> None:
     join_gloo(rank, WORLD, port, timeout_s=120)
     try:
-        for name, kw in MODELS.items():
+        for name, kw in builds.items():
             torch.manual_seed(rank)  # replicas start different: DDP must broadcast rank 0's weights
             model = reid_ms.build(name, camera_num=CAMERAS, num_classes=CLASSES, **kw)
             features = _convert_bnneck(model)
@@ -89,13 +85,14 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def replicas(tmp_path_factory):
+def replicas(tmp_path_factory, free_port, tiny):
     out = tmp_path_factory.mktemp("ddp")
-    spawn(_worker, (free_port(), str(out)), WORLD, timeout=240)
+    builds = {name: tiny.args(name, **({"drop_path_rate": 0.0} if name.startswith("vit") else {})) for name in MODELS}
+    spawn(_worker, (free_port(), str(out), builds), WORLD, timeout=240)
     return {name: [torch.load(out / f"{name}.{r}.pt", weights_only=True) for r in range(WORLD)] for name in MODELS}
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", MODELS)
 def test_replicas_hold_identical_parameters_after_two_steps(replicas, name, capsys):
     first, second = replicas[name]
     assert first["params"].keys() == second["params"].keys()
@@ -120,7 +117,7 @@ def test_replicas_hold_identical_parameters_after_two_steps(replicas, name, caps
         print(f"\nddp {name}: {WORLD} gloo processes, BNNeck: {first['route']}, broadcast_buffers=False")
 
 
-def test_train_ddp_example_runs_under_torchrun(tmp_path):
+def test_train_ddp_example_runs_under_torchrun(tmp_path, free_port):
     out = tmp_path / "trained.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(

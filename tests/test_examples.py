@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -143,12 +142,6 @@ def test_make_sample_data_rebuilds_the_shipped_set(outputs):
             assert img.size == (64, 128)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _load_example(name: str):
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -176,10 +169,10 @@ def test_extract_features_jpm(capsys):
     assert "query     7 images (0 junk dropped) -> features [7, 320]" in out
 
 
-def test_train_ddp_jpm_loss_over_the_branches(tmp_path, monkeypatch, caplog):
+def test_train_ddp_jpm_loss_over_the_branches(tmp_path, monkeypatch, caplog, free_port):
     # one gloo process, in-process, set up as torchrun would
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(_free_port())).items():
+                           MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(key, value)
     caplog.set_level(logging.INFO, logger="train_ddp")
     out = tmp_path / "jpm.pt"

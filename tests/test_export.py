@@ -19,10 +19,6 @@ from reid_ms.errors import ConfigError, InputError
 from reid_ms.export import call_args, example_inputs, export_onnx, export_program, onnx_max_error
 from reid_ms.registry import get_spec
 
-TINY_VIT = dict(img_size=(64, 32), stride_size=12, embed_dim=32, depth=1, num_heads=4)   # 5 x 2 grid, overlapping
-TINY_CLIP = dict(img_size=(64, 32), width=32, layers=1, heads=4, output_dim=24)          # 4 x 2 grid
-TINY_NECK = dict(scales=(2, 4))          # grids not divisible by the windows, one window wider than the grid
-
 # (name, camera_num, view_num): every registered model with a camera table, one per backbone with a
 # view table too (VitTrans adds the row to every token, ClipVisual to the CLS only).
 WITH_VIEWS = ("vit_b16_ms", "clip_b16_adapt_ms_light")
@@ -35,26 +31,14 @@ def _multimodal(name: str) -> bool:
     return get_spec(name).model is reid_ms.MultiModalReIDModel
 
 
-def _tiny(name: str, camera_num: int, view_num: int) -> torch.nn.Module:
-    kwargs = dict(TINY_VIT if name.startswith("vit") else TINY_CLIP, camera_num=camera_num, view_num=view_num,
-                  neck_feat="after")
-    if "_ms" in name:
-        kwargs.update(TINY_NECK)
-    if "adapt" in name:
-        kwargs["adapt_dim"] = 40
-    torch.manual_seed(0)
-    model = reid_ms.build(name, **kwargs)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn_like(param) * 0.2)
-        bn = model.head.bottleneck
-        bn.running_mean.copy_(torch.randn_like(bn.running_mean))
-        bn.running_var.copy_(torch.rand_like(bn.running_var) + 0.5)
+def _tiny(tiny, name: str, camera_num: int, view_num: int) -> torch.nn.Module:
+    """One block, the embedding after the BNNeck, every parameter and statistic randomised (see TinyModels)."""
+    model = tiny.build(name, blocks=1, camera_num=camera_num, view_num=view_num, neck_feat="after", randomize=True)
     return model.eval()
 
 
 def _image_names(model: torch.nn.Module) -> tuple[str, ...]:
-    return MODALITIES if _multimodal(model.model_name) else ("images",)
+    return MODALITIES if isinstance(model, reid_ms.MultiModalReIDModel) else ("images",)
 
 
 def _new_inputs(model: torch.nn.Module, batch: int) -> dict[str, torch.Tensor]:
@@ -72,7 +56,7 @@ def _new_inputs(model: torch.nn.Module, batch: int) -> dict[str, torch.Tensor]:
 def _call(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[tuple, dict[str, torch.Tensor]]:
     """``(args, kwargs)`` of the model's call, written out: a dict of modality batches or one image batch."""
     inputs = dict(inputs)
-    if _multimodal(model.model_name):
+    if isinstance(model, reid_ms.MultiModalReIDModel):
         images = {m: inputs.pop(m) for m in MODALITIES}
     else:
         images = inputs.pop("images")
@@ -91,8 +75,8 @@ def _input_names(name: str, camera_num: int, view_num: int) -> list[str]:
 
 
 @pytest.mark.parametrize("name, camera_num, view_num", REGISTERED + NO_TABLE)
-def test_torch_export_matches_eager(name, camera_num, view_num):
-    model = _tiny(name, camera_num, view_num)
+def test_torch_export_matches_eager(name, camera_num, view_num, tiny):
+    model = _tiny(tiny, name, camera_num, view_num)
     program = export_program(model)
     # torch.export names the entries of the dict argument `inputs` of a multi-modal model inputs_<key>
     assert [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"] \
@@ -119,10 +103,10 @@ def test_torch_export_matches_eager(name, camera_num, view_num):
 
 
 @pytest.mark.parametrize("name, camera_num, view_num", REGISTERED + NO_TABLE[:1])
-def test_onnx_matches_eager_in_onnxruntime(name, camera_num, view_num, tmp_path):
+def test_onnx_matches_eager_in_onnxruntime(name, camera_num, view_num, tmp_path, tiny):
     import onnxruntime
 
-    model = _tiny(name, camera_num, view_num)
+    model = _tiny(tiny, name, camera_num, view_num)
     path = tmp_path / f"{name}.onnx"
     names = export_onnx(model, path)
     assert names == _input_names(name, camera_num, view_num)
@@ -138,17 +122,17 @@ def test_onnx_matches_eager_in_onnxruntime(name, camera_num, view_num, tmp_path)
     assert onnx_max_error(model, path, batch=4) <= 1e-4
 
 
-def test_onnx_max_error_sees_another_model(tmp_path):
+def test_onnx_max_error_sees_another_model(tmp_path, tiny):
     path = tmp_path / "a.onnx"
-    export_onnx(_tiny("vit_b16", 3, 0), path)
-    other = _tiny("vit_b16", 3, 0)
+    export_onnx(_tiny(tiny, "vit_b16", 3, 0), path)
+    other = _tiny(tiny, "vit_b16", 3, 0)
     with torch.no_grad():
         other.head.bottleneck.running_mean.add_(1.0)
     assert onnx_max_error(other, path) > 0.1
 
 
-def test_example_inputs_follow_the_tables():
-    model = _tiny("clip_b16", 3, 2)
+def test_example_inputs_follow_the_tables(tiny):
+    model = _tiny(tiny, "clip_b16", 3, 2)
     inputs = example_inputs(model, batch=4, generator=torch.Generator().manual_seed(0))
     assert list(inputs) == ["images", "cam_label", "view_label"]
     assert inputs["images"].shape == (4, 3, 64, 32) and inputs["cam_label"].dtype == torch.long
@@ -158,8 +142,8 @@ def test_example_inputs_follow_the_tables():
         example_inputs(torch.nn.Linear(2, 2))
 
 
-def test_example_inputs_of_a_multimodal_model_and_its_call():
-    model = _tiny("clip_b16_ms_rgbnt", 3, 0)
+def test_example_inputs_of_a_multimodal_model_and_its_call(tiny):
+    model = _tiny(tiny, "clip_b16_ms_rgbnt", 3, 0)
     inputs = example_inputs(model, batch=3, generator=torch.Generator().manual_seed(0))
     assert list(inputs) == ["rgb", "nir", "tir", "cam_label"]
     assert all(inputs[m].shape == (3, 3, 64, 32) for m in MODALITIES)
@@ -169,8 +153,8 @@ def test_example_inputs_of_a_multimodal_model_and_its_call():
     assert all(args[0][m] is inputs[m] for m in MODALITIES)
 
 
-def test_onnx_max_error_refuses_a_file_of_other_inputs(tmp_path):
+def test_onnx_max_error_refuses_a_file_of_other_inputs(tmp_path, tiny):
     path = tmp_path / "single.onnx"
-    export_onnx(_tiny("vit_b16", 3, 0), path)
+    export_onnx(_tiny(tiny, "vit_b16", 3, 0), path)
     with pytest.raises(InputError, match="takes the inputs"):
-        onnx_max_error(_tiny("vit_b16_ms_rgbnt", 3, 0), path)
+        onnx_max_error(_tiny(tiny, "vit_b16_ms_rgbnt", 3, 0), path)

@@ -1,4 +1,4 @@
-"""FLOP counting must include the fused attention kernel."""
+"""FLOP counting must include the fused attention and linear kernels, so a built model's count has its neck."""
 
 from __future__ import annotations
 
@@ -41,3 +41,44 @@ def test_vit_counted_like_the_hand_formula():
     per_block = 2 * tokens * d * (3 * d + d + 2 * 4 * d) + 2 * 2 * tokens * tokens * d
     patch_conv = 2 * patches * (3 * 16 * 16) * d
     assert count_flops(model, torch.randn(1, 3, 256, 128)) == depth * per_block + patch_conv
+
+
+def _vit_by_hand(d: int, depth: int, grid: tuple[int, int], batch: int) -> int:
+    """ViT-B-shaped backbone (MLP ratio 4, patch 16, 3 channels): blocks plus the patch convolution."""
+    patches = grid[0] * grid[1]
+    tokens = 1 + patches
+    per_block = 2 * tokens * d * (3 * d + d + 2 * 4 * d) + 2 * 2 * tokens * tokens * d
+    return batch * (depth * per_block + 2 * patches * (3 * 16 * 16) * d)
+
+
+def _dense_neck_by_hand(d: int, scales: tuple[int, ...], batch: int) -> int:
+    # A stride-s window then a global average is one linear map of the mean s x s tile: [D, D * s * s] times
+    # a vector, whatever the grid. Tile sums are additions, not counted (as FlopCounterMode counts).
+    return batch * sum(2 * d * d * s * s for s in scales)
+
+
+def test_built_model_counts_the_dense_neck_and_the_adapter():
+    import reid_ms
+
+    # stride 12: a 5 x 2 grid that no window divides; batch 2
+    vit = dict(img_size=(64, 32), stride_size=12, embed_dim=32, depth=1, num_heads=4)
+    model = reid_ms.build("vit_b16_ms", scales=(2, 4), **vit).eval()
+    images = torch.randn(2, 3, 64, 32)
+    assert count_flops(model, images) == _vit_by_hand(32, 1, (5, 2), 2) + _dense_neck_by_hand(32, (2, 4), 2)
+    # the adapter: one Linear(24 -> 40) on each of the 1 + 4 * 2 tokens
+    clip = reid_ms.build("clip_b16_adapt_ms", img_size=(64, 32), width=32, layers=1, heads=4, output_dim=24,
+                         adapt_dim=40, scales=(2, 4)).eval()
+    bare = reid_ms.ClipVisual(img_size=(64, 32), width=32, layers=1, heads=4, output_dim=24).eval()
+    extra = count_flops(clip, images) - count_flops(bare, images)
+    assert extra == 2 * 2 * 9 * 24 * 40 + _dense_neck_by_hand(40, (2, 4), 2)
+
+
+def test_full_size_vit_b16_ms_at_stride_12_by_hand():
+    import reid_ms
+
+    # shapes only (meta tensors): the same products as on the CPU, without allocating 1.1 GB of weights
+    with torch.device("meta"):
+        model = reid_ms.build("vit_b16_ms", stride_size=12).eval()   # 21 x 10 grid
+        images = torch.randn(1, 3, 256, 128)
+    expected = _vit_by_hand(768, 12, (21, 10), 1) + 2 * 768 * 768 * (16 + 64 + 256)
+    assert count_flops(model, images) == expected

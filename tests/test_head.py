@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -90,3 +92,28 @@ def test_input_errors():
 
 def test_public_name():
     assert reid_ms.BNNeckHead is BNNeckHead
+
+
+@pytest.mark.parametrize("make", [
+    lambda: BNNeckHead(8, 5),
+    lambda: reid_ms.MultiBranchBNNeckHead(8, 2, 5),
+    lambda: reid_ms.DimAdapter(8, 16, True),
+    lambda: reid_ms.MultiScaleSlidingWindow(8, (2,), "light"),
+    lambda: reid_ms.ReIDModel(reid_ms.VitTrans(img_size=(32, 16), embed_dim=8, depth=1, num_heads=2), None,
+                              BNNeckHead(8)),
+])
+def test_arguments_after_the_first_few_are_keyword_only(make):
+    with pytest.raises(TypeError, match="positional argument"):
+        make()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: BNNeckHead(0), "BNNeckHead: feat_dim must be a positive int, got 0"),
+    (lambda: BNNeckHead(8, num_classes=True), "BNNeckHead: num_classes must be an int >= 0, got True"),
+    (lambda: reid_ms.MultiBranchBNNeckHead(8, 2.0), "MultiBranchBNNeckHead: branches must be a positive int"),
+    (lambda: reid_ms.DimAdapter(8, -1), "DimAdapter: out_dim must be a positive int, got -1"),
+    (lambda: reid_ms.MultiScaleSlidingWindow("8"), "MultiScaleSlidingWindow: feat_dim must be a positive int"),
+])
+def test_sizes_are_checked_by_name(make, message):
+    with pytest.raises(reid_ms.ConfigError, match=re.escape(message)):
+        make()

@@ -111,11 +111,13 @@ def test_eval_embedding_scales_the_local_features():
     model.eval()
     x = images()
     with torch.no_grad():
-        feats = model.forward_features(x)
+        tokens = model.forward_features(x)
+        feats = model.forward_head(tokens, pre_logits=True)
         before = model(x)
         model.head.neck_feat = "after"
         after = model(x)
-    assert feats.shape == before.shape == after.shape == (3, 5 * D)
+    assert tokens.shape == (3, 5, D) and feats.shape == before.shape == after.shape == (3, 5 * D)
+    assert torch.equal(feats, tokens.flatten(1))  # global, then the local features, side by side
     torch.testing.assert_close(before[:, :D], feats[:, :D], rtol=0, atol=0)
     torch.testing.assert_close(before[:, D:], feats[:, D:] / 4)
     bn = model.head.bottleneck

@@ -8,22 +8,12 @@ import torch
 import reid_ms
 from reid_ms import ClipVisual, InputError, MultiModalReIDModel, VitTrans, build
 
-TINY = {
-    "vit_b16_ms_rgbnt": dict(img_size=(64, 32), stride_size=12, embed_dim=32, depth=2, num_heads=4),
-    "clip_b16_ms_rgbnt": dict(img_size=(64, 32), stride_size=12, width=32, layers=2, heads=4, output_dim=24),
-}
-WIDTH = {"vit_b16_ms_rgbnt": 32, "clip_b16_ms_rgbnt": 24}
-NAMES = list(TINY)
+NAMES = ["vit_b16_ms_rgbnt", "clip_b16_ms_rgbnt"]
 
 
-def tiny(name: str, **extra) -> MultiModalReIDModel:
-    torch.manual_seed(0)
-    model = build(name, camera_num=3, scales=(2, 4), **TINY[name], **extra)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # the neck starts at zero (see MultiScaleSlidingWindow): give it values
-        for p in model.neck.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
+def tiny_mm(tiny, name: str, **extra) -> MultiModalReIDModel:
+    """Tiny, with a camera table, the neck woken (it starts at zero, see MultiScaleSlidingWindow)."""
+    return tiny.build(name, camera_num=3, wake=True, **extra)
 
 
 def inputs(batch: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -32,9 +22,9 @@ def inputs(batch: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_forward_backward_on_three_modalities(name):
-    model = tiny(name, num_classes=5).train()
-    d = WIDTH[name]
+def test_forward_backward_on_three_modalities(name, tiny):
+    model = tiny_mm(tiny, name, num_classes=5).train()
+    d = tiny.width(name)
     assert model.feat_dim == model.head.feat_dim == 3 * d and model.modalities == ("rgb", "nir", "tir")
     logits, feature = model(inputs(), cam_label=torch.tensor([0, 2, 1]))
     assert logits.shape == (3, 5) and feature.shape == (3, 3 * d)
@@ -47,9 +37,9 @@ def test_forward_backward_on_three_modalities(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_fused_feature_is_the_per_modality_runs_in_order(name):
-    model = tiny(name).eval()
-    d, x, cams = WIDTH[name], inputs(), torch.tensor([1, 0, 2])
+def test_fused_feature_is_the_per_modality_runs_in_order(name, tiny):
+    model = tiny_mm(tiny, name).eval()
+    d, x, cams = tiny.width(name), inputs(), torch.tensor([1, 0, 2])
     with torch.no_grad():
         fused = model(x, cam_label=cams)
         assert fused.shape == (3, 3 * d)
@@ -63,17 +53,21 @@ def test_fused_feature_is_the_per_modality_runs_in_order(name):
         for i in range(3):
             assert not torch.allclose(other[:, i * d:(i + 1) * d], fused[:, i * d:(i + 1) * d])
         assert torch.equal(model(x, cam_label=cams.tolist()), fused)
+        # forward_features: each modality's tokens after the neck, the head's feature their CLS side by side
+        tokens = model.forward_features(x, cam_label=cams)
+        assert list(tokens) == ["rgb", "nir", "tir"] and tokens["tir"].shape == (3, 1 + 5 * 2, d)
+        assert torch.equal(model.forward_head(tokens, pre_logits=True), fused)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_missing_modality(name):
-    strict = tiny(name).eval()
+def test_missing_modality(name, tiny):
+    strict = tiny_mm(tiny, name).eval()
     x, cams = inputs(), [0, 1, 2]
     partial = {m: x[m] for m in ("rgb", "nir")}
     with pytest.raises(InputError, match=r"\['tir'\] missing.*missing='zeros'"):
         strict(partial, cam_label=cams)
-    zeros = tiny(name, missing="zeros").eval()
-    d = WIDTH[name]
+    zeros = tiny_mm(tiny, name, missing="zeros").eval()
+    d = tiny.width(name)
     with torch.no_grad():
         full = zeros(x, cam_label=cams)
         torch.testing.assert_close(full, strict(x, cam_label=cams), rtol=0, atol=0)
@@ -85,8 +79,8 @@ def test_missing_modality(name):
         torch.testing.assert_close(only_nir[:, d:2 * d], full[:, d:2 * d], rtol=1e-5, atol=1e-5)
 
 
-def test_inputs_that_are_refused():
-    model = tiny("vit_b16_ms_rgbnt").eval()
+def test_inputs_that_are_refused(tiny):
+    model = tiny_mm(tiny, "vit_b16_ms_rgbnt").eval()
     x = inputs()
     cases = [
         (x["rgb"], "dict of image batches"),
@@ -103,13 +97,13 @@ def test_inputs_that_are_refused():
     with pytest.raises(InputError, match="cam_label must lie in"):
         model(x, cam_label=[0, 1, 3])
     with pytest.raises(reid_ms.ConfigError, match="missing must be one of"):
-        build("vit_b16_ms_rgbnt", missing="drop", **TINY["vit_b16_ms_rgbnt"])
+        tiny.build("vit_b16_ms_rgbnt", missing="drop")
     with pytest.raises(reid_ms.ConfigError, match="distinct"):
-        build("vit_b16_ms_rgbnt", modalities=("rgb", "rgb"), **TINY["vit_b16_ms_rgbnt"])
+        tiny.build("vit_b16_ms_rgbnt", modalities=("rgb", "rgb"))
 
 
-def test_two_modalities_by_name():
-    model = build("clip_b16_ms_rgbnt", modalities=("rgb", "tir"), **TINY["clip_b16_ms_rgbnt"]).eval()
+def test_two_modalities_by_name(tiny):
+    model = tiny.build("clip_b16_ms_rgbnt", modalities=("rgb", "tir")).eval()
     x = inputs()
     assert model.feat_dim == 2 * 24
     with torch.no_grad():
@@ -117,23 +111,23 @@ def test_two_modalities_by_name():
 
 
 @pytest.mark.parametrize("name, backbone", [("vit_b16_ms_rgbnt", VitTrans), ("clip_b16_ms_rgbnt", ClipVisual)])
-def test_pretrained_backbone(name, backbone, tmp_path):
+def test_pretrained_backbone(name, backbone, tmp_path, tiny):
     torch.manual_seed(3)
-    source = backbone(**TINY[name])
+    source = backbone(**tiny.BACKBONES[backbone.__name__])
     with torch.no_grad():
         for p in source.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     path = tmp_path / "backbone.pth"
     torch.save(source.state_dict(), path)
-    model = build(name, pretrained=str(path), **TINY[name])
+    model = build(name, pretrained=str(path), **tiny.args(name))
     for key, value in source.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[key], value), key
     assert set(model.load_report.loaded) == {f"backbone.{k}" for k in source.state_dict()}
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_torch_export_with_a_dynamic_batch(name):
-    model = tiny(name, num_classes=5).eval()
+def test_torch_export_with_a_dynamic_batch(name, tiny):
+    model = tiny_mm(tiny, name, num_classes=5).eval()
     with torch.no_grad():
         for p in model.head.parameters():
             p.add_(torch.rand_like(p))  # away from the identity BNNeck, so the head shows in the graph

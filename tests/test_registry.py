@@ -19,21 +19,21 @@ def test_names():
     assert list_models() == sorted(list_models())
 
 
-def test_overrides_reach_their_part():
-    model = build("vit_b16_ms", stride_size=12, camera_num=4, view_num=2, sie_coef=1.5, scales=(2, 3),
-                  num_classes=9, neck_feat="after", **TINY_VIT)
+def test_overrides_reach_their_part(tiny):
+    model = build("vit_b16_ms", **tiny.args("vit_b16_ms", stride_size=12, camera_num=4, view_num=2, sie_coef=1.5,
+                                            scales=(2, 3), num_classes=9, neck_feat="after"))
     assert model.backbone.grid_size == (5, 2) and model.backbone.camera_num == 4 and model.backbone.view_num == 2
     assert model.backbone.sie_coef == 1.5 and model.backbone.out_dim == 32
     assert model.neck.scales == (2, 3) and model.neck.feat_dim == 32 and model.neck.mode == "dense"
     assert model.head.num_classes == 9 and model.head.neck_feat == "after" and model.feat_dim == 32
-    assert build("vit_b16_ms", mode="light", **TINY_VIT).neck.mode == "light"
-    assert build("vit_b16_ms_light", **TINY_VIT).neck.pointwise is not None
+    assert tiny.build("vit_b16_ms", mode="light").neck.mode == "light"
+    assert tiny.build("vit_b16_ms_light").neck.pointwise is not None
 
 
-def test_widths_propagate():
-    clip = build("clip_b16_ms_light", **TINY_CLIP)
+def test_widths_propagate(tiny):
+    clip = tiny.build("clip_b16_ms_light", output_dim=24)
     assert clip.neck.feat_dim == 24 and clip.head.feat_dim == 24 and clip.adapter is None
-    adapt = build("clip_b16_adapt_ms", adapt_dim=40, adapt_norm=True, **TINY_CLIP)
+    adapt = tiny.build("clip_b16_adapt_ms", output_dim=24, adapt_dim=40, adapt_norm=True)
     assert (adapt.adapter.in_dim, adapt.adapter.out_dim) == (24, 40)
     assert isinstance(adapt.adapter.norm, torch.nn.LayerNorm)
     assert adapt.neck.feat_dim == 40 and adapt.feat_dim == 40
@@ -62,18 +62,18 @@ def test_argument_of_a_missing_part(name, arg):
         build(name, **{arg: 8})
 
 
-def test_bad_values_reach_the_part_that_checks_them():
+def test_bad_values_reach_the_part_that_checks_them(tiny):
     with pytest.raises(ConfigError, match="scales"):
-        build("vit_b16_ms", scales=(0,), **TINY_VIT)
+        tiny.build("vit_b16_ms", scales=(0,))
     with pytest.raises(ConfigError, match="neck_feat"):
-        build("vit_b16", neck_feat="middle", **TINY_VIT)
+        tiny.build("vit_b16", neck_feat="middle")
 
 
-def test_pretrained_of_the_wrong_family(tmp_path):
+def test_pretrained_of_the_wrong_family(tmp_path, tiny):
     path = tmp_path / "vit.pth"
-    torch.save(reid_ms.VitTrans(**TINY_VIT).state_dict(), path)
+    torch.save(tiny.build("vit_b16").backbone.state_dict(), path)
     with pytest.raises(CheckpointError, match="load_vit_weights"):
-        build("clip_b16", pretrained=str(path), **TINY_CLIP)
+        build("clip_b16", pretrained=str(path), **tiny.args("clip_b16"))
 
 
 @pytest.fixture
@@ -83,18 +83,18 @@ def scratch_name():
     _REGISTRY.pop(name, None)
 
 
-def test_register_a_model(scratch_name):
+def test_register_a_model(scratch_name, tiny):
     @register(scratch_name)
-    def tiny() -> ModelSpec:
-        return ModelSpec(reid_ms.VitTrans, reid_ms.load_vit_weights, dict(TINY_VIT, embed_dim=16),
-                         neck_mode="light")
+    def tiny_light() -> ModelSpec:
+        return ModelSpec(reid_ms.VitTrans, reid_ms.load_vit_weights,
+                         dict(tiny.BACKBONES["VitTrans"], embed_dim=16, depth=1), neck_mode="light")
 
     assert scratch_name in list_models()
     model = build(scratch_name, depth=2)
     assert model.feat_dim == 16 and len(model.backbone.blocks) == 2 and model.neck.mode == "light"
     assert model.eval()(torch.randn(2, 3, 64, 32)).shape == (2, 16)
     with pytest.raises(ConfigError, match="already registered"):
-        register(scratch_name)(tiny)
+        register(scratch_name)(tiny_light)
 
 
 def test_register_refuses_what_is_not_a_spec():
@@ -103,9 +103,9 @@ def test_register_refuses_what_is_not_a_spec():
     assert "test_not_a_spec" not in list_models()
 
 
-def test_public_names():
+def test_public_names(tiny):
     assert reid_ms.build is build and reid_ms.list_models is list_models and reid_ms.register is register
-    assert reid_ms.ReIDModel is type(build("vit_b16", **TINY_VIT))
+    assert reid_ms.ReIDModel is type(tiny.build("vit_b16"))
 
 
 # -- pretrained: saved models load by name, one read, a path only ------------------------------------------------

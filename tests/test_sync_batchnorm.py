@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from _helpers_dist import free_port, join_gloo, spawn
+from _helpers_dist import join_gloo, spawn
 import reid_ms
 import reid_ms.distributed
 from reid_ms.distributed import SyncBatchNorm
@@ -112,7 +112,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def ranks(tmp_path_factory, free_port):
     out = tmp_path_factory.mktemp("syncbn")
     spawn(_worker, (free_port(), str(out)), WORLD, timeout=120)
     return [torch.load(out / f"{r}.pt", weights_only=True) for r in range(WORLD)]
@@ -167,9 +167,8 @@ def test_without_a_process_group_it_is_batchnorm(shape, momentum, affine, track)
         assert k == k2 and torch.equal(a, b), k
 
 
-def test_the_bnneck_converts_in_place_with_its_parameters():
-    model = reid_ms.build("vit_b16_ms", img_size=(64, 32), embed_dim=32, depth=1, num_heads=4, scales=(2, 4),
-                          num_classes=3)
+def test_the_bnneck_converts_in_place_with_its_parameters(tiny):
+    model = tiny.build("vit_b16_ms", blocks=1, num_classes=3)
     plain = model.head.bottleneck
     before = model.state_dict()
     assert reid_ms.convert_sync_batchnorm(model) is model
@@ -184,13 +183,11 @@ def test_the_bnneck_converts_in_place_with_its_parameters():
     # checkpoints move both ways: a converted model's state into a plain one and back
     images = torch.randn(2, 3, 64, 32)
     model.train()(images)  # moves the running statistics
-    other = reid_ms.build("vit_b16_ms", img_size=(64, 32), embed_dim=32, depth=1, num_heads=4, scales=(2, 4),
-                          num_classes=3)
+    other = tiny.build("vit_b16_ms", blocks=1, num_classes=3)
     other.load_state_dict(model.state_dict())
     model.head.neck_feat = other.head.neck_feat = "after"
     assert torch.equal(other.eval()(images), model.eval()(images))
-    back = reid_ms.convert_sync_batchnorm(reid_ms.build("vit_b16_ms", img_size=(64, 32), embed_dim=32, depth=1,
-                                                        num_heads=4, scales=(2, 4), num_classes=3))
+    back = reid_ms.convert_sync_batchnorm(tiny.build("vit_b16_ms", blocks=1, num_classes=3))
     back.load_state_dict(other.state_dict())
     back.head.neck_feat = "after"
     assert torch.equal(back.eval()(images), other(images))

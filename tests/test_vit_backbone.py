@@ -1,4 +1,5 @@
-"""VitTrans: grid arithmetic, TransReID's SIE rule, parity with timm's ViT, gradients, checkpointing, compile."""
+"""VitTrans: grid arithmetic, TransReID's SIE rule, parity with timm's ViT, gradients (checkpointing and
+compiled graphs: test_backbones.py)."""
 
 from __future__ import annotations
 
@@ -130,22 +131,6 @@ def test_gradient_reaches_every_parameter(camera_num, view_num):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_grad_checkpointing_same_outputs_and_grads():
-    model = tiny(camera_num=3).train()
-    images = torch.randn(2, 3, 64, 32)
-    cams = torch.tensor([2, 0])
-    out = model(images, cam_label=cams)
-    out.square().mean().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    model.set_grad_checkpointing(True)
-    out_ckpt = model(images, cam_label=cams)
-    out_ckpt.square().mean().backward()
-    torch.testing.assert_close(out_ckpt, out, atol=0, rtol=0)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[n], atol=1e-7, rtol=1e-5, msg=n)
-
-
 def test_forward_blocks_can_stop_before_the_last_block():
     model = tiny(depth=3).eval()
     images = torch.randn(2, 3, 64, 32)
@@ -233,29 +218,6 @@ def test_image_errors(images, match):
 def test_label_errors(camera_num, view_num, kw, match):
     with pytest.raises(InputError, match=match):
         tiny(camera_num=camera_num, view_num=view_num)(torch.randn(2, 3, 64, 32), **kw)
-
-
-def test_compile_fullgraph_without_graph_breaks():
-    """The checks run under dynamo without a graph break (the eager backend only traces)."""
-    model = tiny(camera_num=3, view_num=2).eval()
-    images, cams, views = torch.randn(2, 3, 64, 32), torch.tensor([2, 0]), torch.tensor([1, 1])
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        # the trace holds the module path, eager runs the fused CPU path: equal up to float rounding
-        torch.testing.assert_close(compiled(images, cam_label=cams, view_label=views),
-                                   model(images, cam_label=cams, view_label=views), atol=1e-5, rtol=1e-5)
-    torch._dynamo.reset()
-
-
-@pytest.mark.full
-def test_compile_fullgraph_inductor():
-    model = tiny(camera_num=3, view_num=2).eval()
-    images, cams, views = torch.randn(2, 3, 64, 32), torch.tensor([2, 0]), torch.tensor([1, 1])
-    compiled = torch.compile(model, fullgraph=True)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(images, cam_label=cams, view_label=views),
-                                   model(images, cam_label=cams, view_label=views), atol=1e-5, rtol=1e-5)
-    torch._dynamo.reset()
 
 
 def test_exported_from_package():

@@ -24,8 +24,7 @@ from reid_ms.export import export_onnx, export_program
 from reid_ms.heads import BNNeckHead
 from reid_ms.heads.multibranch import MultiBranchBNNeckHead
 from reid_ms.inference import InferenceModel, optimize_for_inference
-from reid_ms.model import ReIDModel
-from reid_ms.models import JPMReIDModel, MultiModalReIDModel
+from reid_ms.models import JPMReIDModel, MultiModalReIDModel, ReIDModel
 from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow
 from reid_ms.necks.jpm import JigsawPatchNeck
 from reid_ms.registry import ModelSpec, build, list_models, register

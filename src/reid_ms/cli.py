@@ -104,7 +104,7 @@ def _build_model(args: argparse.Namespace) -> nn.Module:
 
 def _check_one_folder_model(args: argparse.Namespace) -> None:
     """Refuse, before building it, a multi-modal model where one image folder is all the command reads."""
-    if get_spec(args.name).model is reid_ms.MultiModalReIDModel:
+    if getattr(get_spec(args.name).model, "image_names", ("images",)) != ("images",):
         raise ConfigError(f"{args.name} is a multi-modal model: it needs one image folder per modality (rgb, nir, "
                           f"tir) and 'reid-ms {args.command}' reads one; extract its features in Python with "
                           f"model({{'rgb': ..., 'nir': ..., 'tir': ...}}) (docs/api.md), or export it with "
@@ -317,14 +317,6 @@ def _count(module: Optional[nn.Module]) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
-def _parts(model: nn.Module) -> list[tuple[str, Optional[nn.Module]]]:
-    """The parts whose parameters make up ``model``'s, by the name ``info`` prints."""
-    parts = [("backbone", model.backbone), ("adapter", model.adapter)]
-    if isinstance(model, reid_ms.JPMReIDModel):
-        parts.append(("jpm branches", model.jpm))
-    return parts + [("neck", model.neck), ("head", model.head)]
-
-
 def _cmd_info(args: argparse.Namespace) -> int:
     model = _build_model(args)
     backbone = model.backbone
@@ -332,30 +324,30 @@ def _cmd_info(args: argparse.Namespace) -> int:
     flops = count_flops(model, *call, **labels)
     grid = model.grid_size
     neck = model.neck
-    parts = [type(backbone).__name__, *(type(m).__name__ for _, m in _parts(model)[1:-1] if m is not None)]
-    multimodal = isinstance(model, reid_ms.MultiModalReIDModel)
-    shared = f", shared by {', '.join(model.modalities)}" if multimodal else ""
+    parts = [type(m).__name__ for name, m in model.parts().items() if name != "head" and m is not None]
+    multimodal = model.image_names != ("images",)
+    shared = f", shared by {', '.join(model.image_names)}" if multimodal else ""
     print(f"model        {args.name} ({' + '.join(parts)}{shared})")
     print(f"input        {backbone.img_size[0]}x{backbone.img_size[1]}, patch {backbone.patch_size[0]}, "
           f"stride {backbone.stride_size[0]}x{backbone.stride_size[1]}"
           f"{', one image per modality' if multimodal else ''}")
     print(f"grid         {grid[0]} x {grid[1]} = {grid[0] * grid[1]} patches (+1 CLS)")
-    if isinstance(model, reid_ms.JPMReIDModel):
-        jpm = model.jpm
+    jpm = model.parts().get("jpm branches")
+    if jpm is not None:
         what = f"global + {jpm.divide_length} local branches x {backbone.out_dim}, {model.head.neck_feat} the BNNecks"
     elif multimodal:
-        what = f"{len(model.modalities)} modalities x {backbone.out_dim}, {model.head.neck_feat} the BNNeck"
+        what = f"{len(model.image_names)} modalities x {backbone.out_dim}, {model.head.neck_feat} the BNNeck"
     else:
         what = f"{model.head.neck_feat} the BNNeck"
     print(f"tokens       {backbone.out_dim} wide; feature {model.feat_dim} wide ({what})")
-    if isinstance(model, reid_ms.JPMReIDModel):
+    if jpm is not None:
         print(f"jpm          shift {jpm.shift_num}, shuffle groups {jpm.shuffle_groups}, "
               f"{jpm.divide_length} local groups, rearrange {jpm.rearrange}")
     print(f"neck         {'none' if neck is None else f'{neck.mode}, scales {tuple(neck.scales)}'}")
     print(f"cameras      {backbone.camera_num}, views {backbone.view_num}")
-    counts = ", ".join(f"{name} {_count(module):,}" for name, module in _parts(model))
+    counts = ", ".join(f"{name} {_count(module):,}" for name, module in model.parts().items())
     print(f"parameters   {_count(model):,} ({counts})")
-    per = f"set of {len(model.modalities)} images ({', '.join(model.modalities)})" if multimodal else "image"
+    per = f"set of {len(model.image_names)} images ({', '.join(model.image_names)})" if multimodal else "image"
     print(f"FLOPs        {flops / 1e9:.4g} G per {per} ({flops:,}; multiply and add counted separately)")
     return 0
 

@@ -25,47 +25,28 @@ import torch
 from torch import nn
 
 from reid_ms.errors import ConfigError, InputError
-from reid_ms.models.multimodal import MultiModalReIDModel
+from reid_ms.models.base import pack_call, random_inputs
 
 __all__ = ["example_inputs", "call_args", "export_program", "export_onnx", "onnx_max_error"]
 
 # Batch of the example inputs traced; 1 would let the exporter specialise the batch dimension to a constant.
 EXAMPLE_BATCH = 2
-LABELS = ("cam_label", "view_label")
-
-
-def _label_counts(model: nn.Module) -> dict[str, int]:
-    """``{"cam_label": camera_num, "view_label": view_num}`` for the tables ``model``'s backbone has."""
-    backbone = getattr(model, "backbone", model)
-    counts = dict(zip(LABELS, (getattr(backbone, "camera_num", 0), getattr(backbone, "view_num", 0))))
-    return {name: n for name, n in counts.items() if n > 0}
-
-
-def _image_names(model: nn.Module) -> tuple[str, ...]:
-    """Graph input names of the image batches: one per modality for a multi-modal model."""
-    return tuple(model.modalities) if isinstance(model, MultiModalReIDModel) else ("images",)
 
 
 def example_inputs(model: nn.Module, batch: int = EXAMPLE_BATCH,
                    generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
     """Random inputs the model accepts, by graph input name.
 
+    A built model describes its own (``model.example_inputs``); a bare backbone takes ``"images"``.
+
     Returns:
         ``{"images": [batch, C, img_h, img_w] float32}`` (a multi-modal model: ``"rgb"``, ``"nir"``,
         ``"tir"``, each of that shape), plus ``"cam_label"`` / ``"view_label"`` ``[batch]`` int64 in
         range for the tables the model was built with. :func:`call_args` turns them into the call.
     """
-    backbone = getattr(model, "backbone", model)
-    if not hasattr(backbone, "img_size") or not hasattr(backbone, "in_chans"):
-        raise ConfigError(f"cannot export {type(model).__name__}: expected a reid_ms model (reid_ms.build) or "
-                          f"backbone with img_size and in_chans attributes")
-    shape = (batch, backbone.in_chans, *backbone.img_size)
-    inputs = {name: torch.randn(shape, generator=generator) for name in _image_names(model)}
-    for name, count in _label_counts(model).items():
-        inputs[name] = torch.randint(0, count, (batch,), generator=generator)
-    # drawn on the CPU (so a seed gives the same inputs everywhere), then moved to the model
-    device = next(model.parameters()).device
-    return {name: t.to(device) for name, t in inputs.items()}
+    if hasattr(model, "example_inputs"):
+        return model.example_inputs(batch, generator)
+    return random_inputs(model, ("images",), batch, generator, next(model.parameters()).device)
 
 
 def call_args(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[tuple[Any], dict[str, torch.Tensor]]:
@@ -74,9 +55,7 @@ def call_args(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[tuple[
     ``model(*args, **kwargs)`` is ``model(images, cam_label=..., view_label=...)``, or for a multi-modal
     model ``model({"rgb": ..., "nir": ..., "tir": ...}, cam_label=..., ...)``.
     """
-    names = _image_names(model)
-    images = {m: inputs[m] for m in names} if isinstance(model, MultiModalReIDModel) else inputs[names[0]]
-    return (images,), {name: inputs[name] for name in LABELS if name in inputs}
+    return pack_call(getattr(model, "image_names", ("images",)), inputs)
 
 
 def _args(model: nn.Module) -> tuple[tuple[Any], dict[str, torch.Tensor], dict[str, Any], list[str]]:

@@ -1,12 +1,14 @@
-"""Counting floating-point operations of a forward pass, fused attention included.
+"""Counting floating-point operations of a forward pass, fused kernels included.
 
-``torch.utils.flop_counter.FlopCounterMode`` has no formula for the CPU flash-attention kernel that
-``F.scaled_dot_product_attention`` dispatches to, so on CPU it undercounts every ViT (22.06 instead of
-22.68 GFLOP for ViT-B/16 at 256x128). The formula registered here counts ``Q K^T`` and ``A V``.
+``torch.utils.flop_counter.FlopCounterMode`` counts aten's matrix products and convolutions only. The CPU
+paths also call the flash-attention kernel of ``F.scaled_dot_product_attention`` and the oneDNN / MKL
+linear kernels of the fused blocks and the dense neck; without the formulas registered here a count would
+depend on the path that ran (the dense neck's window products, for one, would be missed).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -16,17 +18,27 @@ from torch.utils.flop_counter import FlopCounterMode
 def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args: Any, **kwargs: Any) -> int:
     *batch, lq, e = query_shape
     lk, ev = key_shape[-2], value_shape[-1]
-    b = 1
-    for d in batch:
-        b *= d
+    b = math.prod(batch)
     return 2 * b * lq * lk * e + 2 * b * lq * lk * ev
 
 
+def _linear_flops(x_shape, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    # x [..., K] @ W.T -> [..., N]: every output element takes K products and K additions
+    return 2 * math.prod(out_shape) * x_shape[-1]
+
+
 _EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
+for _namespace, _op in (("mkldnn", "_linear_pointwise"), ("mkl", "_mkl_linear")):
+    if hasattr(getattr(torch.ops, _namespace), _op):  # a build without oneDNN / MKL lacks the op
+        _EXTRA_FORMULAS[getattr(getattr(torch.ops, _namespace), _op)] = _linear_flops
 
 
 def count_flops(model: torch.nn.Module, *args: Any, **kwargs: Any) -> int:
-    """FLOPs (multiply and add counted separately) of ``model(*args, **kwargs)`` in inference mode."""
+    """FLOPs (multiply and add counted separately) of ``model(*args, **kwargs)`` in inference mode.
+
+    Matrix products and convolutions, the neck's and the adapter's included; elementwise work (norms,
+    activations, the neck's tile sums) is not counted, as in ``FlopCounterMode`` and fvcore.
+    """
     with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
         model(*args, **kwargs)
     return int(counter.get_total_flops())

@@ -24,8 +24,7 @@ from reid_ms.backbones.clip import ClipVisual
 from reid_ms.backbones.vit import VitTrans
 from reid_ms.errors import ConfigError
 from reid_ms.heads import BNNeckHead
-from reid_ms.model import ReIDModel
-from reid_ms.models import JPMReIDModel, MultiModalReIDModel
+from reid_ms.models import JPMReIDModel, MultiModalReIDModel, ReIDModel
 from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow
 from reid_ms.weights import load_clip_weights, load_vit_weights
 from reid_ms.weights._common import LoadReport, load_all_or_nothing, memory_budget
@@ -252,78 +251,29 @@ def _head_state(head: BNNeckHead, spec: ModelSpec, heads: dict[str, torch.Tensor
     return out
 
 
-@register("vit_b16")
-def vit_b16() -> ModelSpec:
-    """TransReID's ViT-B/16 baseline: CLS -> BNNeck."""
-    return ModelSpec(VitTrans, load_vit_weights, head_prefix="bottleneck.", classifier_key="classifier.weight")
-
-
-@register("vit_b16_ms")
-def vit_b16_ms() -> ModelSpec:
-    """ViT-B/16 with the dense multi-scale neck (768 wide, scales 4/8/16)."""
-    return ModelSpec(VitTrans, load_vit_weights, neck_mode="dense", head_prefix="bottleneck.",
-                     classifier_key="classifier.weight")
-
-
-@register("vit_b16_ms_light")
-def vit_b16_ms_light() -> ModelSpec:
-    """ViT-B/16 with the light (depthwise + shared pointwise) multi-scale neck."""
-    return ModelSpec(VitTrans, load_vit_weights, neck_mode="light", head_prefix="bottleneck.",
-                     classifier_key="classifier.weight")
-
-
-@register("clip_b16")
-def clip_b16() -> ModelSpec:
-    """CLIP-ReID's ViT-B/16 image encoder on its projected 512-wide tokens: CLS -> BNNeck."""
-    return ModelSpec(ClipVisual, load_clip_weights, head_prefix="bottleneck_proj.",
-                     classifier_key="classifier_proj.weight")
-
-
-@register("clip_b16_ms")
-def clip_b16_ms() -> ModelSpec:
-    """CLIP ViT-B/16 with the dense neck on the projected 512-wide tokens."""
-    return ModelSpec(ClipVisual, load_clip_weights, neck_mode="dense", head_prefix="bottleneck_proj.",
-                     classifier_key="classifier_proj.weight")
-
-
-@register("clip_b16_ms_light")
-def clip_b16_ms_light() -> ModelSpec:
-    """CLIP ViT-B/16 with the light neck on the projected 512-wide tokens."""
-    return ModelSpec(ClipVisual, load_clip_weights, neck_mode="light", head_prefix="bottleneck_proj.",
-                     classifier_key="classifier_proj.weight")
-
-
-@register("clip_b16_adapt_ms")
-def clip_b16_adapt_ms() -> ModelSpec:
-    """CLIP ViT-B/16, a DimAdapter 512 -> 768, then the dense neck at 768 (the ViT neck's width)."""
-    return ModelSpec(ClipVisual, load_clip_weights, neck_mode="dense", adapt_dim=768)
-
-
-@register("clip_b16_adapt_ms_light")
-def clip_b16_adapt_ms_light() -> ModelSpec:
-    """CLIP ViT-B/16, a DimAdapter 512 -> 768, then the light neck at 768."""
-    return ModelSpec(ClipVisual, load_clip_weights, neck_mode="light", adapt_dim=768)
-
-
-@register("vit_b16_jpm")
-def vit_b16_jpm() -> ModelSpec:
-    """TransReID's ViT-B/16 with the Jigsaw Patch Module: global + 4 local features, 3840-wide embedding."""
-    return ModelSpec(VitTrans, load_jpm_weights, model=JPMReIDModel)
-
-
-@register("vit_b16_ms_jpm")
-def vit_b16_ms_jpm() -> ModelSpec:
-    """ViT-B/16 JPM with the dense multi-scale neck on the global branch's tokens (see JPMReIDModel)."""
-    return ModelSpec(VitTrans, load_jpm_weights, neck_mode="dense", model=JPMReIDModel)
-
-
-@register("vit_b16_ms_rgbnt")
-def vit_b16_ms_rgbnt() -> ModelSpec:
-    """RGB/NIR/TIR: a shared ViT-B/16 and dense neck per modality, embeddings concatenated (3 x 768)."""
-    return ModelSpec(VitTrans, load_multimodal_weights, neck_mode="dense", model=MultiModalReIDModel)
-
-
-@register("clip_b16_ms_rgbnt")
-def clip_b16_ms_rgbnt() -> ModelSpec:
-    """RGB/NIR/TIR: a shared CLIP ViT-B/16 and dense neck on its 512-wide tokens, concatenated (3 x 512)."""
-    return ModelSpec(ClipVisual, load_multimodal_weights, neck_mode="dense", model=MultiModalReIDModel)
+_VIT = dict(backbone=VitTrans, loader=load_vit_weights, head_prefix="bottleneck.", classifier_key="classifier.weight")
+_CLIP = dict(backbone=ClipVisual, loader=load_clip_weights, head_prefix="bottleneck_proj.",
+             classifier_key="classifier_proj.weight")
+_BUILTIN = {
+    # TransReID's ViT-B/16 baseline (CLS -> BNNeck), then with the dense (768 wide, scales 4/8/16) or the light
+    # (depthwise + shared pointwise) multi-scale neck
+    "vit_b16": ModelSpec(**_VIT),
+    "vit_b16_ms": ModelSpec(**_VIT, neck_mode="dense"),
+    "vit_b16_ms_light": ModelSpec(**_VIT, neck_mode="light"),
+    # CLIP-ReID's ViT-B/16 image encoder on its projected 512-wide tokens, the necks at that width
+    "clip_b16": ModelSpec(**_CLIP),
+    "clip_b16_ms": ModelSpec(**_CLIP, neck_mode="dense"),
+    "clip_b16_ms_light": ModelSpec(**_CLIP, neck_mode="light"),
+    # CLIP ViT-B/16, a DimAdapter 512 -> 768, then the neck at 768 (the ViT neck's width); no trained head fits
+    "clip_b16_adapt_ms": ModelSpec(ClipVisual, load_clip_weights, neck_mode="dense", adapt_dim=768),
+    "clip_b16_adapt_ms_light": ModelSpec(ClipVisual, load_clip_weights, neck_mode="light", adapt_dim=768),
+    # TransReID's Jigsaw Patch Module: global + 4 local features, a 3840-wide embedding; then with the dense
+    # neck on the global branch's tokens (see JPMReIDModel)
+    "vit_b16_jpm": ModelSpec(VitTrans, load_jpm_weights, model=JPMReIDModel),
+    "vit_b16_ms_jpm": ModelSpec(VitTrans, load_jpm_weights, neck_mode="dense", model=JPMReIDModel),
+    # RGB/NIR/TIR: a shared backbone and dense neck over the modalities, embeddings concatenated (3 x 768 / 512)
+    "vit_b16_ms_rgbnt": ModelSpec(VitTrans, load_multimodal_weights, neck_mode="dense", model=MultiModalReIDModel),
+    "clip_b16_ms_rgbnt": ModelSpec(ClipVisual, load_multimodal_weights, neck_mode="dense", model=MultiModalReIDModel),
+}
+for _name, _spec in _BUILTIN.items():
+    register(_name)(lambda spec=_spec: spec)

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
-from reid_ms.errors import ConfigError, InputError
-from reid_ms.heads.bnneck import NECK_FEATS
+from reid_ms._validate import positive_int
+from reid_ms.heads.bnneck import BNNeckBase
 
 
-class MultiBranchBNNeckHead(nn.Module):
+class MultiBranchBNNeckHead(BNNeckBase):
     """A BNNeck for each of ``branches`` features of width ``branch_dim``, concatenated.
 
     The input is the branches' features side by side, ``[B, branches * branch_dim]``, the first one the
@@ -38,43 +37,17 @@ class MultiBranchBNNeckHead(nn.Module):
         feat_dim: ``K * D``, the width of the eval embedding.
     """
 
-    def __init__(self, branch_dim: int, branches: int, num_classes: int = 0, neck_feat: str = "before",
+    def __init__(self, branch_dim: int, branches: int, *, num_classes: int = 0, neck_feat: str = "before",
                  local_scale: float = 1.0) -> None:
-        super().__init__()
-        for name, value in (("branch_dim", branch_dim), ("branches", branches)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"MultiBranchBNNeckHead: {name} must be a positive int, got {value!r}")
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
-            raise ConfigError(f"num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}")
-        if neck_feat not in NECK_FEATS:
-            raise ConfigError(f"neck_feat must be one of {NECK_FEATS}, got {neck_feat!r}")
-        self.branch_dim = branch_dim
-        self.branches = branches
-        self.feat_dim = branch_dim * branches
-        self.num_classes = num_classes
-        self.neck_feat = neck_feat
+        self.branch_dim = positive_int(branch_dim, "branch_dim", owner="MultiBranchBNNeckHead")
+        self.branches = positive_int(branches, "branches", owner="MultiBranchBNNeckHead")
         self.local_scale = float(local_scale)
-        self.bottleneck = nn.BatchNorm1d(self.feat_dim)
-        self.bottleneck.bias.requires_grad_(False)  # as in BNNeckHead: a bias-free classifier follows
-        self.classifiers = (nn.ModuleList(nn.Linear(branch_dim, num_classes, bias=False) for _ in range(branches))
-                            if num_classes > 0 else None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        self.bottleneck.reset_parameters()
-        for classifier in self.classifiers or ():
-            nn.init.normal_(classifier.weight, std=0.001)
+        super().__init__(branch_dim * branches, num_classes, neck_feat)
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor | tuple[Optional[tuple[torch.Tensor, ...]],
                                                                      tuple[torch.Tensor, ...]]:
         """``[B, K * D]`` -> eval: ``[B, K * D]``; train: ``(logits per branch or None, features per branch)``."""
-        if not isinstance(feature, torch.Tensor) or feature.dim() != 2 or feature.shape[1] != self.feat_dim:
-            shape = tuple(feature.shape) if isinstance(feature, torch.Tensor) else type(feature).__name__
-            raise InputError(f"MultiBranchBNNeckHead expects features [B, {self.branches} * {self.branch_dim}], "
-                             f"got {shape}")
-        if self.training and feature.shape[0] < 2:
-            raise InputError(f"MultiBranchBNNeckHead in train mode needs a batch of at least 2 (BatchNorm "
-                             f"statistics), got {feature.shape[0]}; call model.eval() for inference")
+        self._check(feature, f"{self.branches} * {self.branch_dim}")
         if not self.training:
             out = self.bottleneck(feature) if self.neck_feat == "after" else feature
             d = self.branch_dim

@@ -11,7 +11,7 @@ from reid_ms.backbones._common import Label
 from reid_ms.backbones.vit import VitTrans
 from reid_ms.errors import ConfigError
 from reid_ms.heads.multibranch import MultiBranchBNNeckHead
-from reid_ms.model import BuiltModel
+from reid_ms.models.base import BuiltModel
 from reid_ms.necks.jpm import JigsawPatchNeck
 from reid_ms.necks.multiscale import MultiScaleSlidingWindow
 
@@ -24,9 +24,10 @@ class JPMReIDModel(BuiltModel):
     blocks but the last, no final norm). TransReID leaves the originals in its backbone unused; here they
     are taken out so that every parameter is trained (and DDP needs no ``find_unused_parameters``).
 
-    ``forward_features``: global feature (``b1``'s CLS), then the ``divide_length`` local CLS features of
-    ``b2`` (see :class:`~reid_ms.JigsawPatchNeck`), side by side ``[B, (1 + divide_length) * D]``.
-    The head (:class:`~reid_ms.MultiBranchBNNeckHead`) has one BNNeck per branch; eval returns
+    ``forward_features``: the global feature (``b1``'s CLS), then the ``divide_length`` local CLS features
+    of ``b2`` (see :class:`~reid_ms.JigsawPatchNeck`), as tokens ``[B, 1 + divide_length, D]``;
+    ``forward_head`` puts them side by side, ``[B, (1 + divide_length) * D]``, for the head
+    (:class:`~reid_ms.MultiBranchBNNeckHead`, one BNNeck per branch); eval returns
     ``cat(global, local_1 / divide_length, ...)`` before or after them: 3840 wide at ViT-B.
 
     With a multi-scale neck (``vit_b16_ms_jpm``) the neck reads ``b1``'s output tokens: those are the
@@ -46,7 +47,7 @@ class JPMReIDModel(BuiltModel):
         model_name, load_report: set by :func:`~reid_ms.build`.
     """
 
-    def __init__(self, backbone: VitTrans, neck: Optional[MultiScaleSlidingWindow] = None, num_classes: int = 0,
+    def __init__(self, backbone: VitTrans, neck: Optional[MultiScaleSlidingWindow] = None, *, num_classes: int = 0,
                  neck_feat: str = "before", shift_num: int = 5, shuffle_groups: int = 2, divide_length: int = 4,
                  rearrange: bool = True) -> None:
         if not isinstance(backbone, VitTrans):
@@ -68,23 +69,23 @@ class JPMReIDModel(BuiltModel):
         self.jpm = jpm
         self.head = MultiBranchBNNeckHead(width, 1 + divide_length, num_classes=num_classes, neck_feat=neck_feat,
                                           local_scale=1.0 / divide_length)
-        self.feat_dim = self.head.feat_dim
 
     def forward_features(self, images: torch.Tensor, cam_label: Label = None,
                          view_label: Label = None) -> torch.Tensor:
-        """Images ``[B, C, img_h, img_w]`` -> ``[B, (1 + divide_length) * D]``: global, then local features.
+        """Images ``[B, C, img_h, img_w]`` -> ``[B, 1 + divide_length, D]``: the global, then the local features.
 
         The local features are not yet divided by ``divide_length``; the head does that for the embedding.
         """
         tokens = self.backbone(images, cam_label=cam_label, view_label=view_label)
-        global_tokens = self.jpm.global_branch(tokens)
-        cls = global_tokens[:, 0]
-        if self.neck is not None:
-            cls = cls + self.neck.context(global_tokens, self.grid_size)
-        return torch.cat([cls.unsqueeze(1), self.jpm.local_branch(tokens)], dim=1).flatten(1)
+        global_cls = self.with_neck(self.jpm.global_branch(tokens))[:, :1]
+        return torch.cat([global_cls, self.jpm.local_branch(tokens)], dim=1)
 
-    def forward(
-        self, images: torch.Tensor, cam_label: Label = None, view_label: Label = None,
-    ) -> torch.Tensor | tuple[Optional[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]:
-        """Eval: the embedding ``[B, feat_dim]``; train: ``(logits per branch or None, features per branch)``."""
-        return self.head(self.forward_features(images, cam_label, view_label))
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, 1 + divide_length, D]`` -> the branches side by side ``[B, (1 + divide_length) * D]``."""
+        return tokens.flatten(1)
+
+    @torch.jit.ignore
+    def parts(self) -> dict[str, Optional[nn.Module]]:
+        parts = super().parts()
+        return {"backbone": parts.pop("backbone"), "adapter": parts.pop("adapter"), "jpm branches": self.jpm,
+                **parts}

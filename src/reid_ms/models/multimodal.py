@@ -11,7 +11,7 @@ from torch import nn
 from reid_ms.backbones._common import Label
 from reid_ms.errors import ConfigError, InputError
 from reid_ms.heads import BNNeckHead
-from reid_ms.model import BuiltModel
+from reid_ms.models.base import BuiltModel
 from reid_ms.necks.multiscale import MultiScaleSlidingWindow
 
 MODALITIES = ("rgb", "nir", "tir")
@@ -54,13 +54,11 @@ class MultiModalReIDModel(BuiltModel):
         missing: a modality absent from the input: ``"error"`` (default) raises :class:`~reid_ms.InputError`;
             ``"zeros"`` puts a zero embedding in its place (in train and eval mode alike), so a model trained
             on all modalities can be evaluated on fewer with the same embedding width.
-
-    Attributes:
-        feat_dim: ``len(modalities) * D``.
-        model_name, load_report: set by :func:`~reid_ms.build`.
     """
 
-    def __init__(self, backbone: nn.Module, neck: Optional[MultiScaleSlidingWindow] = None, num_classes: int = 0,
+    image_names = MODALITIES
+
+    def __init__(self, backbone: nn.Module, neck: Optional[MultiScaleSlidingWindow] = None, *, num_classes: int = 0,
                  neck_feat: str = "before", modalities: Sequence[str] = MODALITIES, missing: str = "error") -> None:
         if (isinstance(modalities, str) or not isinstance(modalities, Sequence) or not modalities
                 or not all(isinstance(m, str) and m for m in modalities) or len(set(modalities)) != len(modalities)):
@@ -68,10 +66,9 @@ class MultiModalReIDModel(BuiltModel):
         if missing not in MISSING:
             raise ConfigError(f"missing must be one of {MISSING}, got {missing!r}")
         super().__init__(backbone, neck)
-        self.modalities = tuple(modalities)
+        self.modalities = self.image_names = tuple(modalities)
         self.missing = missing
         self.head = BNNeckHead(len(self.modalities) * self.token_dim, num_classes=num_classes, neck_feat=neck_feat)
-        self.feat_dim = self.head.feat_dim
 
     @property
     def modality_dim(self) -> int:
@@ -105,29 +102,32 @@ class MultiModalReIDModel(BuiltModel):
             raise InputError(f"MultiModalReIDModel: every modality needs the same batch size, got {sizes}")
         return present, batch
 
-    def forward_modalities(self, inputs: Mapping[str, torch.Tensor], cam_label: Label = None,
-                           view_label: Label = None) -> dict[str, torch.Tensor]:
-        """The embedding ``[B, D]`` of each modality present in ``inputs`` (the neck-enhanced CLS)."""
+    def forward_features(self, inputs: Mapping[str, torch.Tensor], cam_label: Label = None,
+                         view_label: Label = None) -> dict[str, torch.Tensor]:
+        """Each modality present in ``inputs`` -> its tokens after the neck ``[B, 1 + H*W, D]``, by name."""
         present, batch = self._present(inputs)
         times = len(present)
         images = torch.cat([inputs[m] for m in present]) if times > 1 else inputs[present[0]]
-        tokens = self.backbone(images, cam_label=_repeat_label(cam_label, batch, times, "cam_label"),
-                               view_label=_repeat_label(view_label, batch, times, "view_label"))
-        cls = tokens[:, 0]
-        if self.neck is not None:
-            cls = cls + self.neck.context(tokens, self.grid_size)
-        return dict(zip(present, cls.unflatten(0, (times, -1)).unbind(0)))  # split(batch) would fix an export's batch
+        tokens = self.tokens(images, _repeat_label(cam_label, batch, times, "cam_label"),
+                             _repeat_label(view_label, batch, times, "view_label"))
+        # unflatten, not split(batch): split would fix an export's batch
+        return dict(zip(present, self.with_neck(tokens).unflatten(0, (times, -1)).unbind(0)))
 
-    def forward_features(self, inputs: Mapping[str, torch.Tensor], cam_label: Label = None,
-                         view_label: Label = None) -> torch.Tensor:
-        """The fused feature ``[B, M * D]`` fed to the head; missing modalities zero when ``missing="zeros"``."""
-        per_modality = self.forward_modalities(inputs, cam_label, view_label)
-        some = next(iter(per_modality.values()))
-        return torch.cat([per_modality[m] if m in per_modality else torch.zeros_like(some)
-                          for m in self.modalities], dim=1)
+    def pool(self, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Tokens by modality -> the CLS features side by side ``[B, M * D]`` in ``modalities`` order; a
+        missing modality's are zero (``missing="zeros"``)."""
+        some = next(iter(tokens.values()))[:, 0]
+        return torch.cat([tokens[m][:, 0] if m in tokens else torch.zeros_like(some) for m in self.modalities],
+                         dim=1)
 
-    def forward(
-        self, inputs: Mapping[str, torch.Tensor], cam_label: Label = None, view_label: Label = None,
-    ) -> torch.Tensor | tuple[Optional[torch.Tensor], torch.Tensor]:
+    def forward(self, inputs: Mapping[str, torch.Tensor], cam_label: Label = None,
+                view_label: Label = None) -> torch.Tensor | tuple[Optional[torch.Tensor], torch.Tensor]:
         """Eval: the embedding ``[B, feat_dim]``; train: ``(logits or None, feature [B, feat_dim])``."""
-        return self.head(self.forward_features(inputs, cam_label, view_label))
+        # the argument's name is the exported graph's: inputs_rgb, inputs_nir, ... (torch.export)
+        return super().forward(inputs, cam_label, view_label)
+
+    def forward_modalities(self, inputs: Mapping[str, torch.Tensor], cam_label: Label = None,
+                           view_label: Label = None) -> dict[str, torch.Tensor]:
+        """The embedding ``[B, D]`` of each modality present in ``inputs`` (the neck-enhanced CLS)."""
+        return {m: t[:, 0] for m, t in self.forward_features(inputs, cam_label, view_label).items()}
+

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from reid_ms.errors import ConfigError, InputError
+from reid_ms._validate import positive_int
+from reid_ms.errors import InputError
 
 
 class DimAdapter(nn.Module):
@@ -22,13 +23,10 @@ class DimAdapter(nn.Module):
         norm: add a ``LayerNorm(out_dim)`` after the projection.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, norm: bool = False) -> None:
+    def __init__(self, in_dim: int, out_dim: int, *, norm: bool = False) -> None:
         super().__init__()
-        for name, val in (("in_dim", in_dim), ("out_dim", out_dim)):
-            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-                raise ConfigError(f"DimAdapter {name} must be a positive int, got {val!r}")
-        self.in_dim = in_dim
-        self.out_dim = out_dim
+        self.in_dim = positive_int(in_dim, "in_dim", owner="DimAdapter")
+        self.out_dim = positive_int(out_dim, "out_dim", owner="DimAdapter")
         self.proj = nn.Linear(in_dim, out_dim)
         self.norm = nn.LayerNorm(out_dim) if norm else nn.Identity()
         self.reset_parameters()

@@ -24,13 +24,8 @@ import copy
 import torch
 from torch import nn
 
+from reid_ms._validate import positive_int
 from reid_ms.errors import ConfigError, InputError
-
-
-def _positive_int(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"JigsawPatchNeck: {name} must be a positive int, got {value!r}")
-    return value
 
 
 class JigsawPatchNeck(nn.Module):
@@ -49,12 +44,12 @@ class JigsawPatchNeck(nn.Module):
     (``b1.0.*``, ``b1.1.*``, ``b2.0.*``, ``b2.1.*``).
     """
 
-    def __init__(self, block: nn.Module, norm: nn.Module, shift_num: int = 5, shuffle_groups: int = 2,
+    def __init__(self, block: nn.Module, norm: nn.Module, *, shift_num: int = 5, shuffle_groups: int = 2,
                  divide_length: int = 4, rearrange: bool = True) -> None:
         super().__init__()
-        self.shift_num = _positive_int(shift_num, "shift_num")
-        self.shuffle_groups = _positive_int(shuffle_groups, "shuffle_groups")
-        self.divide_length = _positive_int(divide_length, "divide_length")
+        self.shift_num = positive_int(shift_num, "shift_num", owner="JigsawPatchNeck")
+        self.shuffle_groups = positive_int(shuffle_groups, "shuffle_groups", owner="JigsawPatchNeck")
+        self.divide_length = positive_int(divide_length, "divide_length", owner="JigsawPatchNeck")
         if not isinstance(rearrange, bool):
             raise ConfigError(f"JigsawPatchNeck: rearrange must be True or False, got {rearrange!r}")
         self.rearrange = rearrange

@@ -31,6 +31,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from reid_ms._validate import positive_int
 from reid_ms.dispatch import fused_kernels_reason
 from reid_ms.errors import ConfigError, InputError
 from reid_ms.kernels.blocks import linear_onednn
@@ -67,8 +68,8 @@ def tile_sum(grid: torch.Tensor, scale: int) -> torch.Tensor:
     """
     b, h, w, d = grid.shape
     # Blocks are added into s-sized buffers whose unfilled part is the zero padding, so the padded grid is
-    # never built (padding, reshaping to [B, nh, s, nw, s, D] and summing two strided dims is 5-20x slower
-    # on CPU).
+    # never built (padding, reshaping to [B, nh, s, nw, s, D] and summing two strided dims is several times
+    # slower on CPU).
     rows = grid.new_zeros(b, scale, w, d)
     for top in range(0, h, scale):
         block = grid[:, top:top + scale]
@@ -108,10 +109,9 @@ class MultiScaleSlidingWindow(nn.Module):
     zero-initialised low-rank adapter does.
     """
 
-    def __init__(self, feat_dim: int, scales: Sequence[int] = (4, 8, 16), mode: str = "dense") -> None:
+    def __init__(self, feat_dim: int, scales: Sequence[int] = (4, 8, 16), *, mode: str = "dense") -> None:
         super().__init__()
-        if not isinstance(feat_dim, int) or isinstance(feat_dim, bool) or feat_dim < 1:
-            raise ConfigError(f"feat_dim must be a positive int, got {feat_dim!r}")
+        positive_int(feat_dim, "feat_dim", owner="MultiScaleSlidingWindow")
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
         self.feat_dim = feat_dim
@@ -167,8 +167,8 @@ class MultiScaleSlidingWindow(nn.Module):
         # each weight once, as [D_out, D_in * s * s]; the small tile map is permuted to the weight's
         # (d, p, q) order, never the weight. weight @ tiles [K, B] streams the weight (x @ weight.T runs at
         # half that speed on CPU at small batches). In CPU inference oneDNN's tiles [B, K] @ weight.T reads
-        # the weight at memory speed, about 1.6x faster than addmm at B = 8 (which has the derivative
-        # training needs).
+        # the weight at memory speed, faster than addmm at small batches (which has the derivative training
+        # needs).
         b, d = grid.shape[0], grid.shape[3]
         onednn = fused_kernels_reason(grid, self.windows[0].weight) is None
         acc = 0 if onednn else grid.new_zeros(d, b)

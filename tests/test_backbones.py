@@ -1,0 +1,49 @@
+"""What both backbones promise alike, parametrized by kind: gradients, checkpointing, compiled graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+KINDS = ["vit", "clip"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_grad_checkpointing_same_outputs_and_grads(kind, tiny):
+    model = tiny.backbone(kind, camera_num=3).train()
+    images, cams = tiny.images(2), torch.tensor([2, 0])
+    out = model(images, cam_label=cams)
+    out.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for n, g in grads.items():
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, n   # every parameter is reached
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    out_ckpt = model(images, cam_label=cams)
+    out_ckpt.square().mean().backward()
+    torch.testing.assert_close(out_ckpt, out, atol=0, rtol=0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def _check_compiled(kind: str, tiny, backend: str) -> None:
+    model = tiny.backbone(kind, camera_num=3, view_num=2).eval()
+    images, cams, views = tiny.images(2), torch.tensor([2, 0]), torch.tensor([1, 1])
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    with torch.no_grad():
+        # the trace holds the module path, eager may run the fused CPU path: equal up to float rounding
+        torch.testing.assert_close(compiled(images, cam_label=cams, view_label=views),
+                                   model(images, cam_label=cams, view_label=views), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compile_fullgraph_without_graph_breaks(kind, tiny):
+    """The label checks run under dynamo without a graph break (aot_eager traces, it does not generate code)."""
+    _check_compiled(kind, tiny, "aot_eager")
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("kind", KINDS)
+def test_compile_fullgraph_inductor(kind, tiny):
+    _check_compiled(kind, tiny, "inductor")
