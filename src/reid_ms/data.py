@@ -10,6 +10,7 @@ and the camera embedding (SIE) use them.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -102,8 +103,14 @@ class ReidImageFolder(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path = self.paths[index]
         try:
-            with Image.open(path) as img:
-                rgb = img.convert("RGB")
+            with warnings.catch_warnings():
+                # PIL only warns up to twice its pixel limit; a re-ID crop that large is a damaged or hostile file
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    rgb = img.convert("RGB")
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise InputError(f"refusing image {str(path)!r}: {exc} (raise PIL.Image.MAX_IMAGE_PIXELS if the "
+                             f"image is genuine)") from exc
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read image {str(path)!r}: {exc}") from exc
         return self.transform(rgb), index
