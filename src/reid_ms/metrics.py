@@ -78,7 +78,7 @@ def _tensor(x: Any, name: str, expected: str) -> torch.Tensor:
     try:
         return torch.as_tensor(x)
     except (TypeError, ValueError, RuntimeError) as exc:    # None, strings, ragged lists, ints past 64 bits
-        raise InputError(f"{name} must be {expected}, got {type(x).__name__} that is not one ({exc})") from exc
+        raise InputError(f"{name} must be {expected}; got a {type(x).__name__} that is not ({exc})") from exc
 
 
 def _features(x: ArrayLike, name: str) -> torch.Tensor:
