@@ -11,8 +11,10 @@ Model options shared by ``info``, ``extract``, ``eval`` and ``export``: ``--img-
 ``--camera-num`` and ``--set key=value`` (any keyword of :func:`reid_ms.build`, value read as a Python
 literal, e.g. ``--set depth=2 --set "scales=(2, 4)"``), so a tiny model runs the whole pipeline in
 seconds. Without ``--weights`` the model is randomly initialised (seeded by ``--seed``) and a warning
-says so. Errors reid_ms raises (:class:`~reid_ms.ReidMsError`) end the command with one line on stderr
-and exit status 2.
+says so. Bad input ends the command with one line on stderr and exit status 2 (:func:`main` turns
+:class:`~reid_ms.ReidMsError`, ``OSError`` and ``MemoryError`` into it, for every command); what can be
+checked (output paths, ``--set`` types, the device, whether the weights fit in memory) is checked before
+the model is built.
 """
 
 from __future__ import annotations
@@ -98,10 +100,15 @@ def _annotations(name: str) -> dict[str, Any]:
 
     spec = get_spec(name)
     hints: dict[str, Any] = {}
-    for cls in (spec.backbone, reid_ms.MultiScaleSlidingWindow, spec.model or BNNeckHead):
-        hints.update(typing.get_type_hints(cls.__init__))
-    adapter = typing.get_type_hints(reid_ms.DimAdapter.__init__)
-    return {**hints, **{key: adapter[arg] for key, arg in ADAPTER_ARGS.items()}}
+    for cls in (spec.backbone, reid_ms.MultiScaleSlidingWindow, spec.model or BNNeckHead, reid_ms.DimAdapter):
+        try:
+            found = typing.get_type_hints(cls.__init__)
+        except (NameError, TypeError):            # annotations that do not resolve: the constructor checks
+            continue
+        if cls is reid_ms.DimAdapter:
+            found = {key: found[arg] for key, arg in ADAPTER_ARGS.items() if arg in found}
+        hints.update(found)
+    return hints
 
 
 def _fits(value: Any, hint: Any) -> bool:
