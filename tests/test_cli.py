@@ -447,6 +447,11 @@ def test_a_late_failure_leaves_a_partial_file_that_eval_refuses(extracted, tmp_p
         assert len(data["feats"]) == 6 and int(data["num_images"]) == 8
     line = _one_error_line(capsys, "eval", "--query-feats", out, "--gallery-feats", extracted["gallery"])
     assert f"{str(out)!r} holds 6 of the 8 images of its folder" in line and "run the same 'reid-ms extract'" in line
+    # the same failure in an image-loading process: torch re-raises it with the worker's traceback appended
+    line = _one_error_line(capsys, "extract", *TINY_ARGS, "--weights", extracted["weights"], "--images", images,
+                           "--out", out, "--workers", "1")
+    assert line.startswith("reid-ms: error: cannot read image") and "9999_c1s1_000001_01.jpg" in line
+    assert "Traceback" not in line and "worker" not in line
 
 
 def _png_header(width: int, height: int) -> bytes:

@@ -701,6 +701,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # One place for every command (and those added later): a problem the user can fix is one line on
         # stderr and exit status 2, never a traceback. OSError: unreadable inputs, unwritable outputs, full disk.
         message = str(exc) or type(exc).__name__
+        if "Original Traceback" in message:     # raised in a DataLoader worker: torch appends its traceback
+            message = message.rstrip().splitlines()[-1].partition(": ")[2] or message
         if isinstance(exc, MemoryError):
             message = f"out of memory ({message}); try a smaller --batch-size or a smaller model"
         print(f"reid-ms: error: {' '.join(message.split())}", file=sys.stderr)
