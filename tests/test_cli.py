@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import struct
+import subprocess
+import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -337,6 +341,16 @@ def test_export_onnx_parity(name, sets, width, tmp_path, capsys):
      "needs one image folder per modality"),
     (["eval", "clip_b16_ms_rgbnt", "--query", str(SAMPLE / "query"), "--gallery", str(SAMPLE / "gallery")],
      "needs one image folder per modality"),
+    (["info", "vit_b16", "--set", "mlp_ratio=abc"], "--set mlp_ratio='abc': mlp_ratio of vit_b16 takes float"),
+    (["info", "vit_b16", "--set", "sie_coef=abc", "--camera-num", "2"], "sie_coef of vit_b16 takes float"),
+    (["info", "clip_b16", "--set", "sie_coef=abc", "--camera-num", "2"], "sie_coef of clip_b16 takes float"),
+    (["info", "vit_b16_ms", "--set", "scales=(2.5,)"], "scales of vit_b16_ms takes Sequence[int]"),
+    (["info", "vit_b16", "--set", "img_size=(100000, 100000)"], "for its weights alone"),
+    (["info", "vit_b16_ms", "--set", "depth=100000"], "vit_b16_ms(depth=100000) needs more than"),
+    (["info", "clip_b16_ms", "--set", "layers=100000"], "clip_b16_ms(layers=100000) needs more than"),
+    (["info", "vit_b16", "--device", "nowhere"], "--device 'nowhere' is not a torch device"),
+    (["eval", "--query-feats", "{tmp}/q.npz", "--gallery-feats", "{tmp}/g.npz", "--metric", "hamming"],
+     "--metric must be one of cosine, euclidean"),
 ])
 def test_errors_exit_2_with_one_line(argv, message, tmp_path, capsys):
     rc, out, err = _run(capsys, *[a.format(tmp=tmp_path) for a in argv])
@@ -345,3 +359,222 @@ def test_errors_exit_2_with_one_line(argv, message, tmp_path, capsys):
     assert len(lines) == 1 and message in lines[0]
     assert "Traceback" not in err
     assert not (tmp_path / "x.npz").exists()
+
+
+# -- bad inputs: checked before anything is built ------------------------------------------------
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if a command gets as far as building its model."""
+    import reid_ms.cli as cli
+
+    def refuse(args):
+        raise AssertionError(f"{args.name} was built before the bad input was noticed")
+
+    monkeypatch.setattr(cli, "_build_model", refuse)
+
+
+def _one_error_line(capsys, *argv) -> str:
+    rc, _, err = _run(capsys, *argv)
+    lines = [line for line in err.splitlines() if line.startswith("reid-ms: error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_extract_out_under_a_file(tmp_path, capsys, no_model):
+    (tmp_path / "file").write_text("not a folder")
+    line = _one_error_line(capsys, "extract", *TINY_ARGS, "--images", SAMPLE / "query", "--out", tmp_path / "file/q.npz")
+    assert f"lies under '{tmp_path / 'file'}', which is a file" in line
+
+
+@pytest.mark.parametrize("command, extra", [("export", []), ("extract", ["--images", SAMPLE / "query"])])
+def test_out_is_a_folder(command, extra, tmp_path, capsys, no_model):
+    line = _one_error_line(capsys, command, *TINY_ARGS, *extra, "--out", tmp_path)
+    assert f"--out '{tmp_path}' is a folder; give a file name" in line
+
+
+def _rewrite(path: Path, **changes) -> None:
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays.update(changes)
+    with open(path, "wb") as f:          # np.savez on a path would append .npz to a name without it
+        np.savez(f, **arrays)
+
+
+def test_resume_from_settings_that_are_not_json(extracted, tmp_path, capsys, no_model):
+    out = tmp_path / "q.npz"
+    shutil.copy(extracted["query"], out)
+    _rewrite(out, settings=np.array("{'model': 'vit_b16_ms'"))
+    line = _one_error_line(capsys, "extract", *TINY_ARGS, "--weights", extracted["weights"],
+                           "--images", SAMPLE / "query", "--out", out)
+    assert "its settings record is not JSON" in line and "--overwrite" in line
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: dict(pids=d["pids"][:-2]), "pids has shape (5,) for 7 rows of feats"),
+    (lambda d: dict(camids=d["camids"][:, None]), "camids has shape (7, 1) for 7 rows of feats"),
+    (lambda d: dict(feats=d["feats"].astype(np.int64)), "feats is int64 (7, 64), not [N, D] float"),
+    (lambda d: dict(pids=d["pids"].astype(np.float32)), "pids holds float32, not integers"),
+    (lambda d: dict(settings=np.array("[1, 2]")), "its settings record is list, not a JSON object"),
+    (lambda d: dict(num_images=np.array([7, 7])), "num_images has shape (2,), not a single count"),
+])
+def test_eval_refuses_damaged_feature_files(extracted, tmp_path, capsys, change, message):
+    query = tmp_path / "q.npz"
+    shutil.copy(extracted["query"], query)
+    with np.load(query, allow_pickle=False) as data:
+        _rewrite(query, **change(data))
+    line = _one_error_line(capsys, "eval", "--query-feats", query, "--gallery-feats", extracted["gallery"])
+    assert f"{str(query)!r} is damaged or was not written by 'reid-ms extract'" in line and message in line
+
+
+def test_eval_refuses_a_file_without_the_image_count(extracted, tmp_path, capsys):
+    query = tmp_path / "q.npz"
+    with np.load(extracted["query"], allow_pickle=False) as data:
+        np.savez(query, **{k: data[k] for k in data.files if k != "num_images"})
+    line = _one_error_line(capsys, "eval", "--query-feats", query, "--gallery-feats", extracted["gallery"])
+    assert "lacks ['num_images']" in line
+
+
+def test_a_late_failure_leaves_a_partial_file_that_eval_refuses(extracted, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(SAMPLE / "query", images)
+    (images / "9999_c1s1_000001_01.jpg").write_bytes(b"not a jpeg")        # sorts last: fails in the last batch
+    out = tmp_path / "q.npz"
+    line = _one_error_line(capsys, "extract", *TINY_ARGS, "--weights", extracted["weights"], "--images", images,
+                           "--out", out, "--batch-size", "2", "--save-every", "1")
+    assert "cannot read image" in line and "9999_c1s1_000001_01.jpg" in line
+    with np.load(out, allow_pickle=False) as data:
+        assert len(data["feats"]) == 6 and int(data["num_images"]) == 8
+    line = _one_error_line(capsys, "eval", "--query-feats", out, "--gallery-feats", extracted["gallery"])
+    assert f"{str(out)!r} holds 6 of the 8 images of its folder" in line and "run the same 'reid-ms extract'" in line
+    # the same failure in an image-loading process: torch re-raises it with the worker's traceback appended
+    line = _one_error_line(capsys, "extract", *TINY_ARGS, "--weights", extracted["weights"], "--images", images,
+                           "--out", out, "--workers", "1")
+    assert line.startswith("reid-ms: error: cannot read image") and "9999_c1s1_000001_01.jpg" in line
+    assert "Traceback" not in line and "worker" not in line
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width x height`` RGB pixels and holds none (PIL checks the size on open)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [50_000, 10_000])      # PIL raises past twice its pixel limit and warns below
+def test_decompression_bomb_image(side, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "0001_c1s1_000001_01.png").write_bytes(_png_header(side, side))
+    assert side * side > Image.MAX_IMAGE_PIXELS
+    line = _one_error_line(capsys, "extract", *TINY_ARGS, "--images", images, "--out", tmp_path / "q.npz")
+    assert "refusing image" in line and "0001_c1s1_000001_01.png" in line and f"{side * side} pixels" in line
+    assert "MAX_IMAGE_PIXELS" in line
+
+
+def test_os_errors_end_in_one_line(capsys, monkeypatch):
+    import reid_ms.cli as cli
+
+    def unreadable(args):
+        raise PermissionError(13, "Permission denied", "/data/query.npz")
+
+    monkeypatch.setattr(cli, "_cmd_list", unreadable)
+    line = _one_error_line(capsys, "list")
+    assert line == "reid-ms: error: [Errno 13] Permission denied: '/data/query.npz'"
+
+
+# -- memory bound of a model -----------------------------------------------------------------------
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("vit_b16_ms", dict(img_size=(64, 32), embed_dim=16, depth=2, num_heads=2, scales=(2,))),
+    ("vit_b16_ms", dict(img_size=(64, 32), embed_dim=16, depth=40, num_heads=2, scales=(2,))),   # extrapolated
+    ("clip_b16_adapt_ms", dict(img_size=(64, 32), width=16, layers=9, heads=2, output_dim=8, scales=(2,))),
+])
+def test_memory_bound_is_the_weights_size(name, kwargs, monkeypatch):
+    import reid_ms.cli as cli
+
+    exact = _weight_bytes(reid_ms.build(name, **kwargs))        # counted by hand on the real model
+    monkeypatch.setattr(cli, "_memory_bytes", lambda device: exact)
+    cli._check_model_fits(name, kwargs, "cpu")                   # fits exactly
+    monkeypatch.setattr(cli, "_memory_bytes", lambda device: exact - 1)
+    with pytest.raises(reid_ms.ConfigError, match="needs more than"):
+        cli._check_model_fits(name, kwargs, "cpu")
+
+
+@pytest.mark.parametrize("key, value, fits", [
+    ("scales", (2, 4), True), ("scales", [3], True), ("scales", (2.5,), False), ("scales", 4, False),
+    ("img_size", 64, True), ("img_size", (64, 32), True), ("img_size", "big", False),
+    ("camera_num", 3, True), ("camera_num", True, False), ("camera_num", 3.0, False),
+    ("mlp_ratio", 4, True), ("mlp_ratio", 4.5, True), ("mlp_ratio", "abc", False),
+    ("mode", "light", True), ("mode", 1, False), ("qkv_bias", False, True), ("qkv_bias", 1, False),
+    ("adapt_dim", 48, False),                                    # vit_b16_ms has no adapter: build says so
+])
+def test_set_values_are_checked_against_the_constructors(key, value, fits):
+    import reid_ms.cli as cli
+
+    if fits or key == "adapt_dim":
+        cli._check_types("vit_b16_ms", {key: value})
+    else:
+        with pytest.raises(reid_ms.ConfigError, match=re.escape(f"--set {key}={value!r}: {key} of vit_b16_ms")):
+            cli._check_types("vit_b16_ms", {key: value})
+    if key == "adapt_dim":
+        with pytest.raises(reid_ms.ConfigError, match="adapt_dim of clip_b16_adapt_ms takes int"):
+            cli._check_types("clip_b16_adapt_ms", {key: "wide"})
+
+
+# -- startup ---------------------------------------------------------------------------------------
+
+def _fresh_python(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(reid_ms.__file__).parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["list"], ["extract", "--help"]])
+def test_quick_commands_do_not_import_torch(argv):
+    # what makes them answer in well under a second: torch and the model code are never imported
+    code = ("import sys\nfrom reid_ms.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'timm', 'open_clip', 'PIL') if m in sys.modules))" % argv)
+    done = _fresh_python(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
+    if argv == ["list"]:
+        assert done.stdout.split()[:-1] == reid_ms.list_models()
+
+
+def test_python_dash_m():
+    done = subprocess.run([sys.executable, "-m", "reid_ms", "--version"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(reid_ms.__file__).parents[1])}, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"reid-ms {reid_ms.__version__}"
+
+
+def test_lazy_package_exports():
+    # every public name resolves to the object of the module _LAZY names, which the TYPE_CHECKING imports agree with
+    import ast
+    import importlib
+
+    source = Path(reid_ms.__file__).read_text()
+    checked = next(node for node in ast.walk(ast.parse(source))
+                   if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test))
+    imported = {alias.name: node.module for node in checked.body if isinstance(node, ast.ImportFrom) and node.module
+                != "reid_ms" for alias in node.names}
+    assert imported == reid_ms._LAZY
+    for name, module in reid_ms._LAZY.items():
+        assert getattr(reid_ms, name) is getattr(importlib.import_module(module), name)
+    assert set(reid_ms._LAZY) | {"metrics"} <= set(reid_ms.__all__)
+    with pytest.raises(AttributeError, match="has no attribute 'VitTrnas'"):
+        reid_ms.VitTrnas
+
+
+def test_train_choices_are_the_training_modules():
+    # the parser spells them out so that --help needs no torch; they must stay the training module's
+    from reid_ms import cli, training
+
+    assert set(cli.TRAIN_DATASETS) == set(training.DATASETS)
+    assert set(cli.TRAIN_RECIPES) == set(training.RECIPES)
+    assert set(cli.TRAIN_AMP) == set(training.AMP_DTYPES)

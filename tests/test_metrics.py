@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -11,8 +15,11 @@ from reid_ms.errors import InputError
 from reid_ms.metrics import evaluate
 
 
-def _reference(qf, gf, q_pids, g_pids, q_cams, g_cams, metric, max_rank):
-    """One query at a time, the textbook way (float64, stable sort: ties keep gallery order)."""
+def _reference(qf, gf, q_pids, g_pids, q_cams, g_cams, metric, max_rank, distances=None):
+    """One query at a time, the textbook way (float64, stable sort: ties keep gallery order).
+
+    ``distances[i][j]``: sortable keys in place of the float64 distances (e.g. exact rationals).
+    """
     qf, gf = qf.astype(np.float64), gf.astype(np.float64)
     if metric == "cosine":
         qf = qf / np.linalg.norm(qf, axis=1, keepdims=True)
@@ -20,11 +27,12 @@ def _reference(qf, gf, q_pids, g_pids, q_cams, g_cams, metric, max_rank):
     max_rank = min(max_rank, len(gf))
     cmcs, aps, inps = [], [], []
     for i in range(len(qf)):
-        if metric == "cosine":
-            dist = 1.0 - gf @ qf[i]
+        if distances is not None:
+            order = np.array(sorted(range(len(gf)), key=lambda j: distances[i][j]))     # sorted() is stable
+        elif metric == "cosine":
+            order = np.argsort(1.0 - gf @ qf[i], kind="stable")
         else:
-            dist = ((gf - qf[i]) ** 2).sum(axis=1)
-        order = np.argsort(dist, kind="stable")
+            order = np.argsort(((gf - qf[i]) ** 2).sum(axis=1), kind="stable")
         removed = (g_pids[order] == q_pids[i]) & (g_cams[order] == q_cams[i])
         hits = (g_pids[order] == q_pids[i])[~removed]
         if not hits.any():
@@ -158,11 +166,108 @@ def test_exported_from_package():
         (dict(qf=np.array([[np.nan, 0, 0, 0], [1, 0, 0, 0]])), "NaN"),
         (dict(q_pids=[7, 8]), "none of the 2 queries"),
         (dict(chunk_size=0), "chunk_size"),
+        (dict(q_pids="ab"), "q_pids must be one integer per row of qf; got a str"),
+        (dict(q_pids=["a", "b"]), "q_pids must be one integer per row of qf; got a list"),
+        (dict(g_pids=None), "g_pids must be one integer per row of gf; got a NoneType"),
+        (dict(q_cams=[[0], [1, 2]]), "q_cams must be one integer per row of qf; got a list"),
+        (dict(q_pids=[2 ** 70, 1]), "q_pids must be one integer per row"),
+        (dict(qf=[[1.0, 2.0, 3.0, 4.0], [1.0]]), "qf must be a 2-D array of real features"),
+        (dict(qf="features"), "qf must be a 2-D array of real features"),
+        (dict(gf=np.ones((3, 4)) * (1 + 1j)), "gf must hold real numbers, got dtype torch.complex128"),
+        (dict(qf=np.ones((2, 4), dtype=bool)), "qf must hold real numbers, got dtype torch.bool"),
+        (dict(gf=np.array([[np.inf, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]])), "infinite"),
+        (dict(max_rank=2.5), "max_rank must be an int >= 1, got 2.5"),
+        (dict(max_rank="5"), "max_rank must be an int >= 1, got '5'"),
+        (dict(max_rank=True), "max_rank must be an int >= 1, got True"),
+        (dict(chunk_size=1.5), "chunk_size must be an int >= 1, got 1.5"),
+        (dict(metric=None), "metric must be one of"),
+        (dict(metric=["cosine"]), "metric must be one of"),
     ],
 )
 def test_input_errors(kwargs, message):
     args = dict(qf=np.ones((2, 4)), gf=np.ones((3, 4)), q_pids=[0, 1], g_pids=[0, 1, 1],
                 q_cams=[0, 0], g_cams=[1, 1, 1])
     args.update(kwargs)
-    with pytest.raises(InputError, match=message):
-        evaluate(**args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # refused outright: no ComplexWarning on the way
+        with pytest.raises(InputError, match=re.escape(message)):
+            evaluate(**args)
+
+
+def test_numpy_integers_are_counts():
+    r = evaluate(np.ones((2, 4)), np.ones((3, 4)), [0, 1], [0, 1, 1], [0, 0], [1, 1, 1], max_rank=np.int64(2),
+                 chunk_size=np.int32(1))
+    assert r.cmc.shape == (2,)
+
+
+def _random_problem(seed: int, num_q: int = 20, num_g: int = 60, dim: int = 8):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(num_q, dim)), rng.normal(size=(num_g, dim)), rng.integers(0, 5, num_q),
+            rng.integers(0, 5, num_g), rng.integers(0, 3, num_q), rng.integers(0, 3, num_g))
+
+
+def _same(a, b) -> None:
+    assert a.num_valid_queries == b.num_valid_queries
+    assert torch.equal(a.cmc, b.cmc) and a.mAP == b.mAP and a.mINP == b.mINP
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("dtype, scale", [(np.float32, s) for s in (1e19, 1e20, 1e30, 1e-30, 1e-38, 3.0)]
+                         + [(np.float64, s) for s in (1e200, 1e-200)])
+def test_a_common_scale_changes_nothing(metric, dtype, scale):
+    qf, gf, *labels = _random_problem(0)
+    qf, gf = qf.astype(dtype), gf.astype(dtype)
+    base = evaluate(qf, gf, *labels, metric=metric)
+    # features at another magnitude (the products rounded to their dtype, as a model would output them)
+    _same(evaluate(qf * dtype(scale), gf * dtype(scale), *labels, metric=metric), base)
+
+
+def test_cosine_ignores_each_rows_scale():
+    qf, gf, *labels = _random_problem(1)
+    rng = np.random.default_rng(2)
+    base = evaluate(qf, gf, *labels)
+    rows = lambda n: 10.0 ** rng.uniform(-35, 35, size=(n, 1))    # noqa: E731
+    _same(evaluate((qf * rows(len(qf))).astype(np.float32), (gf * rows(len(gf))).astype(np.float32), *labels),
+          evaluate(qf.astype(np.float32), gf.astype(np.float32), *labels))
+    assert base.num_valid_queries > 0
+
+
+def _exact_distances(qf: np.ndarray, gf: np.ndarray, metric: str) -> list[list]:
+    """Keys that order the gallery as the exact distances do, in rational arithmetic (no rounding at all)."""
+    q = [[Fraction(float(v)) for v in row] for row in qf]
+    g = [[Fraction(float(v)) for v in row] for row in gf]
+    if metric == "euclidean":
+        return [[sum((a - b) ** 2 for a, b in zip(qr, gr)) for gr in g] for qr in q]
+    # 1 - cos falls as q.g / |g| rises (|q| is the same for one query); compare its signed square exactly
+    keys = []
+    for qr in q:
+        dots = [sum(a * b for a, b in zip(qr, gr)) for gr in g]
+        keys.append([-(d * abs(d)) / sum(b * b for b in gr) for d, gr in zip(dots, g)])
+    return keys
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_extreme_finite_features_rank_exactly(metric, seed):
+    # float32 features whose entries span 1e-36 .. 1e36 (sums of squares in float32 overflow and underflow)
+    rng = np.random.default_rng(seed)
+    qf, gf, q_pids, g_pids, q_cams, g_cams = _random_problem(seed, num_q=6, num_g=25, dim=5)
+    shift = rng.choice([-28, 28])
+    qf, gf = ((x * 10.0 ** (rng.uniform(-8, 8, size=x.shape) + shift)).astype(np.float32) for x in (qf, gf))
+    assert np.isfinite(qf).all() and np.isfinite(gf).all()
+    ref_cmc, ref_map, ref_minp, ref_valid = _reference(qf, gf, q_pids, g_pids, q_cams, g_cams, metric, 50,
+                                                       distances=_exact_distances(qf, gf, metric))
+    r = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=metric)
+    assert r.num_valid_queries == ref_valid
+    np.testing.assert_allclose(r.cmc.numpy(), ref_cmc, atol=1e-12, rtol=0)
+    assert r.mAP == pytest.approx(ref_map, abs=1e-12) and r.mINP == pytest.approx(ref_minp, abs=1e-12)
+
+
+def test_short_repr():
+    r = evaluate([[0.0], [4.0]], [[1.0], [2.0], [3.0], [4.0], [5.0], [6.0]], [1, 2], [2, 1, 1, 3, 1, 2], [0, 0],
+                 [1, 0, 1, 1, 2, 2], metric="euclidean")
+    # the hand-worked case above without its two skipped queries: mAP 23/60, mINP 5/12, first hits at 2 and 5
+    assert repr(r) == "EvalResult(mAP=0.3833, mINP=0.4167, rank1=0.0000, rank5=1.0000, num_valid_queries=2)"
+    html = r._repr_html_()
+    assert html.startswith("<table>") and "<td>mAP</td><td>38.33%</td>" in html and "<td>Rank-5</td><td>100.00%" in html
+    assert "tensor" not in repr(r) + html and "Rank-10" not in html

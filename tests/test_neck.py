@@ -69,14 +69,15 @@ def test_neck_properties(width, h, w, scales, mode, batch):
 
 @pytest.mark.parametrize("h, w, s", [(3, 3, 2), (21, 10, 4), (16, 8, 16), (5, 7, 1)])
 def test_padding_rule_by_hand(h, w, s):
-    # width 1, window of ones, no bias: each window sums its tile, so the pooled value is the sum of all
-    # patches over the number of windows of the zero-padded grid, ceil(H/s) * ceil(W/s)
+    # width 1, window of ones, bias 0.25: each window sums its tile, so the pooled value is the sum of all
+    # patches over the number of windows of the zero-padded grid, ceil(H/s) * ceil(W/s), plus the bias
     neck = MultiScaleSlidingWindow(1, (s,)).double()
     with torch.no_grad():
         neck.windows[0].weight.fill_(1.0)
+        neck.windows[0].bias.fill_(0.25)                   # not the zero it starts at: a bias fault shows
     tokens = torch.rand(2, 1 + h * w, 1, dtype=torch.float64)
     windows = math.ceil(h / s) * math.ceil(w / s)
-    expected = tokens[:, 0, 0] + tokens[:, 1:, 0].sum(1) / windows
+    expected = tokens[:, 0, 0] + tokens[:, 1:, 0].sum(1) / windows + 0.25
     torch.testing.assert_close(neck(tokens, (h, w))[:, 0, 0], expected, rtol=1e-12, atol=1e-12)
 
 
@@ -162,19 +163,20 @@ def test_adapter_is_well_conditioned(in_dim, out_dim):
     torch.testing.assert_close(singular, torch.ones_like(singular), rtol=0, atol=1e-5)
     assert torch.equal(adapter.proj.bias, torch.zeros(out_dim))
     tokens = torch.randn(3, 1 + 12, in_dim)
+    if out_dim >= in_dim:  # widening is an isometry at init
+        torch.testing.assert_close(adapter(tokens).norm(dim=-1), tokens.norm(dim=-1), rtol=1e-5, atol=1e-5)
+    randomize(adapter, seed=in_dim)                         # the zero bias would hide a fault in using it
     out = adapter(tokens)
     assert out.shape == (3, 13, out_dim)
-    torch.testing.assert_close(out, tokens @ adapter.proj.weight.T)
-    if out_dim >= in_dim:  # widening is an isometry at init
-        torch.testing.assert_close(out.norm(dim=-1), tokens.norm(dim=-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, tokens @ adapter.proj.weight.T + adapter.proj.bias)
 
 
 def test_adapter_norm_and_errors():
-    adapter = DimAdapter(16, 24, norm=True)
+    adapter = randomize(DimAdapter(16, 24, norm=True), seed=5)    # bias and LayerNorm shift start at zero
     tokens = torch.randn(2, 5, 16)
-    expected = F.layer_norm(tokens @ adapter.proj.weight.T + adapter.proj.bias, (24,),
-                            adapter.norm.weight, adapter.norm.bias, adapter.norm.eps)
-    torch.testing.assert_close(adapter(tokens), expected)
+    y = tokens @ adapter.proj.weight.T + adapter.proj.bias
+    normed = (y - y.mean(-1, keepdim=True)) / torch.sqrt(y.var(-1, unbiased=False, keepdim=True) + adapter.norm.eps)
+    torch.testing.assert_close(adapter(tokens), normed * adapter.norm.weight + adapter.norm.bias)
     with pytest.raises(InputError, match=r"\[B, 1 \+ N, 16\]"):
         adapter(torch.randn(2, 5, 12))
     with pytest.raises(ConfigError, match="out_dim"):

@@ -12,40 +12,43 @@ Model options shared by ``info``, ``extract``, ``eval`` and ``export``: ``--img-
 ``--camera-num`` and ``--set key=value`` (any keyword of :func:`reid_ms.build`, value read as a Python
 literal, e.g. ``--set depth=2 --set "scales=(2, 4)"``), so a tiny model runs the whole pipeline in
 seconds. Without ``--weights`` the model is randomly initialised (seeded by ``--seed``) and a warning
-says so. Errors reid_ms raises (:class:`~reid_ms.ReidMsError`) end the command with one line on stderr
-and exit status 2.
+says so. Bad input ends the command with one line on stderr and exit status 2 (:func:`main` turns
+:class:`~reid_ms.ReidMsError`, ``OSError`` and ``MemoryError`` into it, for every command); what can be
+checked (output paths, ``--set`` types, the device, whether the weights fit in memory) is checked before
+the model is built.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import collections.abc
 import hashlib
+import inspect
 import json
 import logging
 import os
 import sys
 import tempfile
+import types
+import typing
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Optional
-
-import numpy as np
-import torch
-from torch import nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any, Optional
 
 import reid_ms
-from reid_ms.data import (
-    JUNK_PID, REID_MEAN, REID_STD, ReidImageFolder, eval_transform, list_images, parse_market_name,
-)
 from reid_ms.errors import CheckpointNotFoundError, ConfigError, InputError, ReidMsError
-from reid_ms.export import call_args, example_inputs, export_onnx, onnx_max_error
-from reid_ms.flops import count_flops
-from reid_ms.metrics import METRICS, evaluate
-from reid_ms.registry import get_spec
-from reid_ms.training import AMP_DTYPES, DATASETS, RECIPES, train
+
+# torch, numpy and the model code are imported inside the commands that use them: --help, --version and
+# list answer without paying for them.
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from reid_ms.data import ReidImageFolder
 
 _logger = logging.getLogger("reid_ms.cli")
 
@@ -91,19 +94,169 @@ def _weights_path(weights: Optional[str]) -> Optional[Path]:
     return path
 
 
+def _annotations(name: str) -> dict[str, Any]:
+    """The annotated type of each keyword ``build(name)`` routes to a constructor, by keyword."""
+    from reid_ms.heads import BNNeckHead
+    from reid_ms.registry import ADAPTER_ARGS, get_spec
+
+    spec = get_spec(name)
+    hints: dict[str, Any] = {}
+    for cls in (spec.backbone, reid_ms.MultiScaleSlidingWindow, spec.model or BNNeckHead, reid_ms.DimAdapter):
+        try:
+            found = typing.get_type_hints(cls.__init__)
+        except (NameError, TypeError):            # annotations that do not resolve: the constructor checks
+            continue
+        if cls is reid_ms.DimAdapter:
+            found = {key: found[arg] for key, arg in ADAPTER_ARGS.items() if arg in found}
+        hints.update(found)
+    return hints
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (a Python literal from the command line) is of the annotated type ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (tuple, list, collections.abc.Sequence):
+        return isinstance(value, (tuple, list)) and all(_fits(v, args[0]) for v in value)
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    if hint is float:
+        return isinstance(value, (int, float))
+    return not isinstance(hint, type) or isinstance(value, hint)
+
+
+def _check_types(name: str, kwargs: dict[str, Any]) -> None:
+    hints = _annotations(name)
+    for key, value in kwargs.items():
+        if key in hints and not _fits(value, hints[key]):
+            hint = hints[key]
+            wanted = hint.__name__ if isinstance(hint, type) else str(hint).replace("collections.abc.", "")
+            raise ConfigError(f"--set {key}={value!r}: {key} of {name} takes {wanted}")
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {device!r} is not a torch device ({exc}); e.g. cpu, cuda, cuda:1") from exc
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device!r}: CUDA is not available here; use --device cpu")
+
+
+def _memory_bytes(device: str) -> Optional[int]:
+    """Memory a model on ``device`` must fit in: the GPU's, or the machine's RAM (``None`` if unknown)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):                  # no sysconf (Windows): no bound
+        return None
+
+
+class _OverBudget(Exception):
+    pass
+
+
+def _weight_bytes(name: str, kwargs: dict[str, Any], limit: int) -> int:
+    """Bytes of the parameters and buffers of ``build(name, **kwargs)``, counted without allocating them.
+
+    The model is built on the meta device (shapes only) while a registration hook adds up every parameter
+    and buffer; :class:`_OverBudget` as soon as the sum passes ``limit``.
+    """
+    import torch
+    from torch.nn.modules import module as torch_module
+
+    total = 0
+
+    def count(module: nn.Module, key: str, tensor: Optional[torch.Tensor]) -> None:
+        nonlocal total
+        total += 0 if tensor is None else tensor.numel() * tensor.element_size()
+        if total > limit:
+            raise _OverBudget
+
+    hooks = [torch_module.register_module_parameter_registration_hook(count),
+             torch_module.register_module_buffer_registration_hook(count)]
+    try:
+        with torch.device("meta"):
+            reid_ms.build(name, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+# The backbones' block counts. Their blocks are alike, so the weights grow linearly with them.
+BLOCK_COUNTS = ("depth", "layers")
+
+
+def _check_model_fits(name: str, kwargs: dict[str, Any], device: str) -> None:
+    """Refuse, before allocating anything, a model whose weights alone exceed ``device``'s memory."""
+    limit = _memory_bytes(device)
+    if limit is None:
+        return
+    try:
+        for key in BLOCK_COUNTS:
+            blocks = kwargs.get(key)
+            if isinstance(blocks, int) and blocks > 3:
+                # two small dry runs extrapolate depth=100000 at once, where the full one would build
+                # about a thousand blocks before passing the bound
+                try:
+                    two, three = (_weight_bytes(name, {**kwargs, key: n}, limit) for n in (2, 3))
+                except ReidMsError:         # a model that needs more blocks: the full dry run decides
+                    continue
+                if two + (blocks - 2) * (three - two) > limit:
+                    raise _OverBudget
+        _weight_bytes(name, kwargs, limit)
+    except _OverBudget:
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise ConfigError(f"{name}({given}) needs more than the {limit / 2 ** 30:.1f} GiB of memory of --device "
+                          f"{device} for its weights alone; check the sizes (img_size, depth, widths)") from None
+
+
 def _build_model(args: argparse.Namespace) -> nn.Module:
-    """The model named on the command line, in eval mode, on ``args.device``."""
+    """The model named on the command line, in eval mode, on ``args.device``.
+
+    Argument types, the device and the memory the weights need are checked before anything is allocated.
+    """
+    import torch
+
     weights = _weights_path(args.weights)
+    kwargs = _build_kwargs(args)
+    _check_types(args.name, kwargs)
+    _check_device(args.device)
+    _check_model_fits(args.name, kwargs, args.device)
     if weights is None and args.command != "info":
         _logger.warning("no --weights given: %s is randomly initialised (seed %d); its features are only "
                         "good for trying the pipeline", args.name, args.seed)
     torch.manual_seed(args.seed)
-    model = reid_ms.build(args.name, pretrained=None if weights is None else str(weights), **_build_kwargs(args))
+    model = reid_ms.build(args.name, pretrained=None if weights is None else str(weights), **kwargs)
     return model.eval().to(args.device)
+
+
+def _check_output(path: Path, example: str) -> None:
+    """Refuse, before any work, an ``--out`` path that cannot be written: a folder, or under a file."""
+    if path.is_dir():
+        raise ConfigError(f"--out {str(path)!r} is a folder; give a file name, e.g. {str(path / example)!r}")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {str(path)!r} lies under {str(parent)!r}, which is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {str(path)!r}: no permission to write in {str(parent)!r}")
 
 
 def _check_one_folder_model(args: argparse.Namespace) -> None:
     """Refuse, before building it, a multi-modal model where one image folder is all the command reads."""
+    from reid_ms.registry import get_spec
+
     if getattr(get_spec(args.name).model, "image_names", ("images",)) != ("images",):
         raise ConfigError(f"{args.name} is a multi-modal model: it needs one image folder per modality (rgb, nir, "
                           f"tir) and 'reid-ms {args.command}' reads one; extract its features in Python with "
@@ -117,6 +270,12 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _fill_normalisation(args: argparse.Namespace) -> None:
+    from reid_ms.data import REID_MEAN, REID_STD
+
+    args.mean, args.std = list(args.mean or REID_MEAN), list(args.std or REID_STD)
 
 
 def _settings(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
@@ -151,6 +310,11 @@ def extract_features(
     ``on_batch(indices, feats)`` is called after each batch with the dataset indices and their rows,
     so a caller can save progress.
     """
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     out = np.empty((len(dataset), model.feat_dim), dtype=np.float32)
     camids = torch.tensor(dataset.camids, dtype=torch.long)
@@ -168,6 +332,8 @@ def extract_features(
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     """Write ``arrays`` to ``path`` atomically: a reader sees the old file or the new one, never half."""
+    import numpy as np
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     # mkstemp creates the file 0600; give it the permissions an ordinary open() would (0666 less umask)
@@ -183,15 +349,45 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
         raise
 
 
-def _load_npz(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+# What 'reid-ms extract' writes: feats [N, D] float32; pids, camids, paths [N]; the settings record (JSON);
+# num_images, the folder's image count, so that a file saved part-way (N < num_images) is known as partial.
+FEATURE_KEYS = ("feats", "pids", "camids", "paths", "settings", "num_images")
+
+
+def _read_features(path: Path) -> dict[str, Any]:
+    """A features file written by ``extract``, checked: its arrays agree in length, its settings are a record."""
+    import numpy as np
+
+    where = repr(str(path))
     try:
         with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in keys if k not in data.files]
+            missing = [k for k in FEATURE_KEYS if k not in data.files]
             if missing:
-                raise InputError(f"{str(path)!r} lacks {missing}; it was not written by 'reid-ms extract'")
-            return {k: data[k] for k in keys}
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read features file {str(path)!r}: {exc}") from exc
+                raise InputError(f"{where} lacks {missing}; it was not written by this version of 'reid-ms "
+                                 f"extract': extract the features again (--overwrite replaces the file)")
+            arrays = {k: data[k] for k in FEATURE_KEYS}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"cannot read features file {where}: {exc}") from exc
+    feats, rows = arrays["feats"], len(arrays["feats"]) if arrays["feats"].ndim else 0
+    problems = [] if feats.ndim == 2 and feats.dtype.kind == "f" else [f"feats is {feats.dtype} {feats.shape}, not [N, D] float"]
+    problems += [f"{k} has shape {arrays[k].shape} for {rows} rows of feats" for k in ("pids", "camids", "paths")
+                 if arrays[k].shape != (rows,)]
+    problems += [f"{k} holds {arrays[k].dtype}, not integers" for k in ("pids", "camids", "num_images")
+                 if arrays[k].dtype.kind not in "iu"]
+    try:
+        settings = json.loads(str(arrays["settings"]))
+    except ValueError as exc:
+        settings, problems = None, [*problems, f"its settings record is not JSON ({exc})"]
+    if settings is not None and not isinstance(settings, dict):
+        problems.append(f"its settings record is {type(settings).__name__}, not a JSON object")
+    if arrays["num_images"].shape != ():
+        problems.append(f"num_images has shape {arrays['num_images'].shape}, not a single count")
+    if problems:
+        raise InputError(f"{where} is damaged or was not written by 'reid-ms extract': {'; '.join(problems)}; "
+                         f"extract the features again (--overwrite replaces the file)")
+    return {**arrays, "paths": arrays["paths"].tolist(), "settings": settings, "num_images": int(arrays["num_images"])}
 
 
 def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -199,23 +395,29 @@ def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from reid_ms.data import ReidImageFolder, eval_transform, list_images, parse_market_name
+
     if args.batch_size < 1 or args.save_every < 1:
         raise ConfigError(f"--batch-size and --save-every must be >= 1, got {args.batch_size} and {args.save_every}")
     _check_one_folder_model(args)
+    _fill_normalisation(args)
     out = Path(args.out)
+    _check_output(out, "features.npz")
     files = list_images(args.images)
+    names = [f.name for f in files]
+    old = _read_features(out) if out.exists() and not args.overwrite else None
     model = _build_model(args)
     settings = _settings(args, model)
-    names = [f.name for f in files]
 
     done: dict[str, np.ndarray] = {}
-    if out.exists() and not args.overwrite:
-        old = _load_npz(out, ("feats", "paths", "settings"))
-        diff = _settings_diff(json.loads(str(old["settings"])), settings)
+    if old is not None:
+        diff = _settings_diff(old["settings"], settings)
         if diff:
             raise InputError(f"{str(out)!r} was extracted with other settings ({'; '.join(diff)}); pass "
                              f"--overwrite to replace it or choose another --out")
-        done = dict(zip(old["paths"].tolist(), old["feats"]))
+        done = dict(zip(old["paths"], old["feats"]))
         gone = set(done) - set(names)
         if gone:
             _logger.warning("%d images in %s are no longer in %s; dropping them", len(gone), out, args.images)
@@ -228,7 +430,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         ids = [parse_market_name(n) for n in kept]
         _save_npz(out, feats=feats, pids=np.array([p for p, _ in ids], dtype=np.int64).reshape(-1),
                   camids=np.array([c for _, c in ids], dtype=np.int64).reshape(-1),
-                  paths=np.array(kept, dtype=np.str_), settings=np.array(json.dumps(settings, sort_keys=True)))
+                  paths=np.array(kept, dtype=np.str_), settings=np.array(json.dumps(settings, sort_keys=True)),
+                  num_images=np.array(len(names), dtype=np.int64))
 
     if todo:
         dataset = ReidImageFolder(args.images, eval_transform(model.backbone.img_size, args.mean, args.std), todo)
@@ -251,12 +454,14 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 # -- evaluation -----------------------------------------------------------------------------------
 
-Features = tuple[np.ndarray, np.ndarray, np.ndarray]    # feats [N, D], pids [N], camids [N]
+Features = tuple["np.ndarray", "np.ndarray", "np.ndarray"]    # feats [N, D], pids [N], camids [N]
 
 
 def _drop_junk(feats: np.ndarray, pids: np.ndarray, camids: np.ndarray, what: str) -> Features:
     # Market-1501's junk crops (person -1) are neither right nor wrong; TransReID's and CLIP-ReID's loaders
     # drop them before evaluating, so the numbers here are comparable to theirs.
+    from reid_ms.data import JUNK_PID
+
     keep = pids != JUNK_PID
     if not keep.all():
         _logger.info("%s: ignoring %d junk images (person id %d)", what, int((~keep).sum()), JUNK_PID)
@@ -264,6 +469,10 @@ def _drop_junk(feats: np.ndarray, pids: np.ndarray, camids: np.ndarray, what: st
 
 
 def _features_from_dir(args: argparse.Namespace, model: nn.Module, folder: str, what: str) -> Features:
+    import numpy as np
+
+    from reid_ms.data import ReidImageFolder, eval_transform
+
     dataset = ReidImageFolder(folder, eval_transform(model.backbone.img_size, args.mean, args.std))
     feats = extract_features(model, dataset, args.batch_size, args.device, args.workers, desc=what,
                              progress=not args.quiet)
@@ -271,6 +480,10 @@ def _features_from_dir(args: argparse.Namespace, model: nn.Module, folder: str, 
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from reid_ms.metrics import METRICS, evaluate
+
+    if args.metric not in METRICS:
+        raise ConfigError(f"--metric must be one of {', '.join(METRICS)}, got {args.metric!r}")
     from_files = args.query_feats is not None or args.gallery_feats is not None
     from_dirs = args.query is not None or args.gallery is not None
     if from_files == from_dirs:
@@ -281,9 +494,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError("--query-feats and --gallery-feats go together; give both")
         if args.name is not None:
             raise ConfigError(f"model {args.name!r} is not used with --query-feats/--gallery-feats; drop it")
-        query, gallery = (_load_npz(Path(p), ("feats", "pids", "camids", "settings"))
-                          for p in (args.query_feats, args.gallery_feats))
-        diff = _settings_diff(*(json.loads(str(d["settings"])) for d in (query, gallery)))
+        query, gallery = (_read_features(Path(p)) for p in (args.query_feats, args.gallery_feats))
+        for d, p in ((query, args.query_feats), (gallery, args.gallery_feats)):
+            if len(d["feats"]) != d["num_images"]:
+                raise InputError(f"{p!r} holds {len(d['feats'])} of the {d['num_images']} images of its folder: its "
+                                 f"extraction stopped early; run the same 'reid-ms extract' command again to finish it")
+        diff = _settings_diff(query["settings"], gallery["settings"])
         if diff:
             raise InputError(f"{args.query_feats!r} and {args.gallery_feats!r} were extracted with different "
                              f"settings ({'; '.join(diff)}); their features cannot be compared")
@@ -292,6 +508,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.query is None or args.gallery is None or args.name is None:
             raise ConfigError("evaluating image folders needs --query, --gallery and a model NAME")
         _check_one_folder_model(args)
+        _fill_normalisation(args)
         model = _build_model(args)
         sets = [_features_from_dir(args, model, folder, what)
                 for folder, what in ((args.query, "query"), (args.gallery, "gallery"))]
@@ -307,8 +524,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 # -- list / info ----------------------------------------------------------------------------------
 
+# The registered models, so that 'list' answers without importing torch; tests keep it equal to
+# reid_ms.list_models().
+MODEL_NAMES = (
+    "clip_b16", "clip_b16_adapt_ms", "clip_b16_adapt_ms_light", "clip_b16_ms", "clip_b16_ms_light",
+    "clip_b16_ms_rgbnt", "vit_b16", "vit_b16_jpm", "vit_b16_ms", "vit_b16_ms_jpm", "vit_b16_ms_light",
+    "vit_b16_ms_rgbnt",
+)
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
-    for name in reid_ms.list_models():
+    for name in MODEL_NAMES:
         print(name)
     return 0
 
@@ -318,6 +544,9 @@ def _count(module: Optional[nn.Module]) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from reid_ms.export import call_args, example_inputs
+    from reid_ms.flops import count_flops
+
     model = _build_model(args)
     backbone = model.backbone
     call, labels = call_args(model, example_inputs(model, batch=1))
@@ -355,8 +584,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 # -- export ---------------------------------------------------------------------------------------
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    model = _build_model(args).to("cpu")
+    from reid_ms.export import export_onnx, onnx_max_error
+
     out = Path(args.out)
+    _check_output(out, "model.onnx")
+    model = _build_model(args).to("cpu")
     names = export_onnx(model, out, opset=args.opset)
     print(f"wrote {out} (inputs {', '.join(names)}; output features [batch, {model.feat_dim}])")
     try:
@@ -376,6 +608,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 # -- train --------------------------------------------------------------------------------------------
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from reid_ms.training import train
+
     result = train(args.name, dataset=args.dataset, root=args.root, out=args.out, pretrained=args.pretrained,
                    recipe=args.recipe, epochs=args.epochs, batch_size=args.batch_size,
                    num_instances=args.num_instances, img_size=args.img_size, overrides=_parse_set(args.set),
@@ -390,15 +624,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# reid_ms.training's DATASETS, RECIPES and AMP_DTYPES, spelled out so that the parser needs no torch (tested equal)
+TRAIN_DATASETS = ("market1501", "dukemtmc", "msmt17", "occ_duke", "veri", "rgbnt201", "folder")
+TRAIN_RECIPES = ("transreid", "clipreid")
+TRAIN_AMP = ("bf16", "fp16")
+
+
 def _add_train_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("train", parents=[common], help="train a model with TransReID's or CLIP-ReID's recipe")
     p.add_argument("name", metavar="NAME", help="a registered model (see 'reid-ms list')")
-    p.add_argument("--dataset", required=True, choices=DATASETS,
+    p.add_argument("--dataset", required=True, choices=TRAIN_DATASETS,
                    help="data set layout; 'folder': ROOT/{bounding_box_train,query,bounding_box_test}")
     p.add_argument("--root", required=True, help="the data set's folder")
     p.add_argument("--out", required=True, help="run folder: config.json, last.pt, metrics.jsonl, curves.png")
     p.add_argument("--pretrained", help="backbone checkpoint to start from (ImageNet ViT, CLIP, ...)")
-    p.add_argument("--recipe", choices=tuple(RECIPES), default="transreid")
+    p.add_argument("--recipe", choices=TRAIN_RECIPES, default="transreid")
     p.add_argument("--epochs", type=int, help="default: the recipe's (transreid 120, clipreid 60)")
     p.add_argument("--batch-size", type=int, help="global batch (default 64)")
     p.add_argument("--num-instances", type=int, help="images per identity in a batch (default 4)")
@@ -412,7 +652,7 @@ def _add_train_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--amp", choices=tuple(AMP_DTYPES), help="mixed precision on CUDA")
+    p.add_argument("--amp", choices=TRAIN_AMP, help="mixed precision on CUDA")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in the backward pass")
     p.set_defaults(func=_cmd_train)
 
@@ -437,9 +677,9 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="a local checkpoint; without it the model is randomly initialised")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="image-loading processes (default 0: in-process)")
-    parser.add_argument("--mean", type=float, nargs=3, default=REID_MEAN, metavar=("R", "G", "B"),
+    parser.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"),
                         help="normalisation mean (default 0.5 0.5 0.5, as TransReID and CLIP-ReID)")
-    parser.add_argument("--std", type=float, nargs=3, default=REID_STD, metavar=("R", "G", "B"),
+    parser.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"),
                         help="normalisation std (default 0.5 0.5 0.5)")
 
 
@@ -474,7 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery-feats", help="gallery .npz written by 'reid-ms extract'")
     p.add_argument("--query", help="query image folder (with NAME)")
     p.add_argument("--gallery", help="gallery image folder (with NAME)")
-    p.add_argument("--metric", choices=METRICS, default="cosine")
+    p.add_argument("--metric", default="cosine", help="cosine (default) or euclidean")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("export", parents=[common], help="export a model to ONNX (checked with onnxruntime when installed)")
@@ -504,8 +744,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     package_logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         return args.func(args)
-    except ReidMsError as exc:
-        print(f"reid-ms: error: {exc}", file=sys.stderr)
+    except (ReidMsError, OSError, MemoryError) as exc:
+        # One place for every command (and those added later): a problem the user can fix is one line on
+        # stderr and exit status 2, never a traceback. OSError: unreadable inputs, unwritable outputs, full disk.
+        message = str(exc) or type(exc).__name__
+        if "Original Traceback" in message:     # raised in a DataLoader worker: torch appends its traceback
+            message = message.rstrip().splitlines()[-1].partition(": ")[2] or message
+        if isinstance(exc, MemoryError):
+            message = f"out of memory ({message}); try a smaller --batch-size or a smaller model"
+        print(f"reid-ms: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     finally:
         package_logger.removeHandler(handler)

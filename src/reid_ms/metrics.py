@@ -15,13 +15,17 @@ depend on the sorting algorithm. TransReID's and CLIP-ReID's ``eval_func`` use N
 features ties practically never occur.
 
 Distances are computed for a chunk of queries against the whole gallery at a time, so a 20k x 20k
-problem never holds more than ``chunk_size x num_gallery`` distances in memory.
+problem never holds more than ``chunk_size x num_gallery`` distances in memory. They are computed in
+float64 after scaling the features by a power of two (each row for cosine, one common factor for
+Euclidean), which changes no ranking: features of any float32 magnitude, 1e-30 or 1e30, rank as they would
+at magnitude 1, where float32 sums of squares would underflow or overflow.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -52,6 +56,17 @@ class EvalResult:
     mINP: float
     num_valid_queries: int
 
+    def __repr__(self) -> str:
+        ranks = ", ".join(f"rank{k}={self.rank(k):.4f}" for k in (1, 5, 10) if k <= len(self.cmc))
+        return (f"EvalResult(mAP={self.mAP:.4f}, mINP={self.mINP:.4f}, {ranks}, "
+                f"num_valid_queries={self.num_valid_queries})")
+
+    def _repr_html_(self) -> str:
+        rows = [("mAP", self.mAP), ("mINP", self.mINP), *((f"Rank-{k}", self.rank(k)) for k in (1, 5, 10)
+                                                         if k <= len(self.cmc))]
+        cells = "".join(f"<tr><td>{name}</td><td>{100 * value:.2f}%</td></tr>" for name, value in rows)
+        return f"<table>{cells}<tr><td>valid queries</td><td>{self.num_valid_queries}</td></tr></table>"
+
     def rank(self, k: int) -> float:
         """Rank-``k`` accuracy (``k`` is 1-based); ranks past ``len(cmc)`` stay at the last value."""
         if k < 1:
@@ -59,30 +74,56 @@ class EvalResult:
         return float(self.cmc[min(k, len(self.cmc)) - 1])
 
 
+def _tensor(x: Any, name: str, expected: str) -> torch.Tensor:
+    try:
+        return torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError) as exc:    # None, strings, ragged lists, ints past 64 bits
+        raise InputError(f"{name} must be {expected}; got a {type(x).__name__} that is not ({exc})") from exc
+
+
 def _features(x: ArrayLike, name: str) -> torch.Tensor:
-    t = torch.as_tensor(x)
+    t = _tensor(x, name, "a 2-D array of real features [N, D]")
     if t.dim() != 2:
         raise InputError(f"{name} must be a 2-D array of features [N, D], got shape {tuple(t.shape)}")
     if t.shape[0] == 0:
         raise InputError(f"{name} is empty (shape {tuple(t.shape)}); evaluation needs at least one entry")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise InputError(f"{name} must hold real numbers, got dtype {t.dtype}")
     if not t.is_floating_point():
-        t = t.float()
-    if t.dtype in (torch.float16, torch.bfloat16):
-        # Half precision loses rank order between close distances; the matmul here is cheap in fp32.
-        t = t.float()
+        t = t.double()
     if not bool(torch.isfinite(t).all()):
         raise InputError(f"{name} contains NaN or infinite values; check the model output that produced it")
     return t
 
 
 def _labels(x: ArrayLike, name: str, count: int, count_name: str) -> torch.Tensor:
-    t = torch.as_tensor(x)
+    t = _tensor(x, name, f"one integer per row of {count_name}")
     if t.dim() != 1 or t.shape[0] != count:
         raise InputError(f"{name} must hold one integer per row of {count_name} ({count}), "
                          f"got shape {tuple(t.shape)}")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise InputError(f"{name} must hold integers, got dtype {t.dtype}")
     return t.long()
+
+
+def _count(x: Any, name: str) -> int:
+    try:
+        value = operator.index(x)
+    except TypeError:
+        raise InputError(f"{name} must be an int >= 1, got {x!r}") from None
+    if value < 1 or isinstance(x, bool):
+        raise InputError(f"{name} must be an int >= 1, got {x!r}")
+    return value
+
+
+def _scaled(x: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    """``x`` in float64 divided by the power of two just above ``peak`` (its largest magnitude, or one per row).
+
+    Dividing by a power of two is exact, so no ranking changes; afterwards no entry exceeds 1, and float64
+    sums of squares neither overflow nor underflow for features anywhere in float32's range.
+    """
+    _, exponent = torch.frexp(torch.where(peak > 0, peak, torch.ones_like(peak)))
+    return torch.ldexp(x.double(), -exponent.double())
 
 
 def _distances(q: torch.Tensor, g: torch.Tensor, metric: str, g_sq: torch.Tensor | None) -> torch.Tensor:
@@ -124,17 +165,15 @@ def evaluate(
         InputError: mismatched lengths or feature widths, empty sets, non-finite features, an unknown
             metric, or no query with a correct match in the gallery.
     """
-    if metric not in METRICS:
+    if not isinstance(metric, str) or metric not in METRICS:
         raise InputError(f"metric must be one of {METRICS}, got {metric!r}")
-    if max_rank < 1 or chunk_size < 1:
-        raise InputError(f"max_rank and chunk_size must be >= 1, got {max_rank} and {chunk_size}")
+    max_rank, chunk_size = _count(max_rank, "max_rank"), _count(chunk_size, "chunk_size")
     q = _features(qf, "qf")
     g = _features(gf, "gf")
     if q.shape[1] != g.shape[1]:
         raise InputError(f"query features are {q.shape[1]} wide but gallery features {g.shape[1]}; "
                          f"extract both with the same model")
-    dtype = torch.promote_types(q.dtype, g.dtype)
-    q, g = q.to(dtype), g.to(device=q.device, dtype=dtype)
+    g = g.to(q.device)
     num_q, num_g = q.shape[0], g.shape[0]
     q_pids_t = _labels(q_pids, "q_pids", num_q, "qf").to(q.device)
     q_cams_t = _labels(q_cams, "q_cams", num_q, "qf").to(q.device)
@@ -143,8 +182,10 @@ def evaluate(
 
     g_sq = None
     if metric == "cosine":
-        q, g = F.normalize(q, dim=1), F.normalize(g, dim=1)
+        q, g = (F.normalize(_scaled(x, x.abs().amax(dim=1, keepdim=True)), dim=1) for x in (q, g))
     else:
+        peak = torch.maximum(q.abs().amax(), g.abs().amax())         # one factor for both: distances keep order
+        q, g = _scaled(q, peak), _scaled(g, peak)
         g_sq = (g * g).sum(dim=1)
     max_rank = min(max_rank, num_g)
 

@@ -10,6 +10,7 @@ and the camera embedding (SIE) use them.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,10 +68,17 @@ def list_images(root: str | Path) -> list[Path]:
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """The image at ``path`` as an RGB PIL image; an unreadable file raises :class:`InputError` naming it."""
+    """The image at ``path`` as an RGB PIL image; an unreadable, damaged or decompression-bomb file raises
+    :class:`InputError` naming it."""
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            # PIL only warns up to twice its pixel limit; a re-ID crop that large is a damaged or hostile file
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"refusing image {str(path)!r}: {exc} (raise PIL.Image.MAX_IMAGE_PIXELS if the "
+                         f"image is genuine)") from exc
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot read image {str(path)!r}: {exc}") from exc
 
