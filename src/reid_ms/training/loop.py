@@ -193,6 +193,13 @@ def _split_overrides(name: str, recipe: Recipe, overrides: dict[str, Any]) -> tu
 
 def _distributed(device: Optional[str]) -> tuple[int, int, torch.device, bool]:
     """``(rank, world size, device, whether this call created the process group)``."""
+    if device is not None:
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {exc}") from exc
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: no CUDA device is available here; use device='cpu'")
     own_group = False
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() and device in (None, "cuda") else "gloo")
