@@ -251,9 +251,11 @@ class ReIDLoss(nn.Module):
         self.center_weight = float(center_weight)
         self.id_loss = CrossEntropyLabelSmooth(num_classes, epsilon=label_smoothing)
         self.triplet = TripletLoss(margin=margin)
-        if center_weight and feat_dim is None:
-            raise ConfigError("ReIDLoss with center_weight > 0 needs feat_dim (the width of the features)")
-        self.center = CenterLoss(num_classes, feat_dim) if center_weight else None
+        self.center: Optional[CenterLoss] = None
+        if center_weight:
+            if feat_dim is None:
+                raise ConfigError("ReIDLoss with center_weight > 0 needs feat_dim (the width of the features)")
+            self.center = CenterLoss(num_classes, feat_dim)
 
     def terms(self, logits: Optional[Outputs], features: Outputs, pids: torch.Tensor) -> dict[str, torch.Tensor]:
         """The unweighted terms with a non-zero weight: ``{"id", "triplet", "center"}`` (scalars)."""
@@ -275,7 +277,7 @@ class ReIDLoss(nn.Module):
         terms = self.terms(logits, features, pids)
         if not terms:
             raise ConfigError("ReIDLoss has every weight at 0; nothing to train")
-        return sum(weights[name] * value for name, value in terms.items())
+        return torch.stack([weights[name] * value for name, value in terms.items()]).sum()
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, id_weight={self.id_weight}, "

@@ -123,6 +123,8 @@ _LAYOUTS = {
                     "image_train/, image_query/, image_test/ (optionally keypoint_train.txt, keypoint_test.txt)"),
     "rgbnt201": _Layout("RGBNT201", ("RGBNT201", "rgbnt201"), "train_171",
                         "train_171/{RGB,NI,TI}/, test/{RGB,NI,TI}/"),
+    "folder": _Layout("Market-1501-named", (), "bounding_box_train",
+                      "bounding_box_train/, query/, bounding_box_test/ of '<id>_c<camera>...' crops"),
 }
 
 DATASETS = tuple(_LAYOUTS)
@@ -147,9 +149,9 @@ def _dataset_dir(name: str, root: Path) -> Path:
             return root / folder
     if not root.is_dir():
         raise InputError(f"{layout.title} root {str(root)!r} does not exist or is not a directory")
+    inside = " or ".join(repr(str(root / f)) for f in layout.folder_names)
     raise InputError(f"{str(root)!r} is not a {layout.title} folder: expected {str(root / layout.marker)!r} "
-                     f"({layout.title} layout: {layout.expected}), or that layout inside "
-                     f"{' or '.join(repr(str(root / f)) for f in layout.folder_names)}")
+                     f"({layout.title} layout: {layout.expected})" + (f", or that layout inside {inside}" if inside else ""))
 
 
 def _require_dir(path: Path, layout: _Layout) -> Path:
@@ -160,8 +162,10 @@ def _require_dir(path: Path, layout: _Layout) -> Path:
 
 def _check_camera(name: str, camera: int, where: str) -> int:
     """The 0-based camera of a 1-based camera number, checked against the data set's cameras."""
-    top = _MAX_CAMERA[name]
-    if not 1 <= camera <= top:
+    top = _MAX_CAMERA.get(name)
+    if camera < 1:
+        raise InputError(f"{where}: camera numbers in file names start at 1, got {camera}")
+    if top is not None and camera > top:
         raise InputError(f"{where}: camera {camera} is outside {_LAYOUTS[name].title}'s cameras 1-{top}; "
                          f"is this the right data set?")
     return camera - 1
@@ -196,7 +200,8 @@ def _named_folder(name: str, folder: Path, views: Mapping[str, int] | None = Non
         log.warning("%s: %d images in %s have no viewpoint in the keypoint files and were left out",
                     _LAYOUTS[name].title, unviewed, folder)
     if not samples:
-        raise InputError(f"{str(folder)!r} holds only junk images (person {JUNK_PID})")
+        raise InputError(f"{str(folder)!r} holds no usable image: all are junk (person {JUNK_PID})"
+                         + (" or have no viewpoint in the keypoint files" if unviewed else ""))
     return samples
 
 
@@ -235,8 +240,9 @@ def _veri_views(base: Path) -> dict[str, int] | None:
 def _veri(base: Path) -> tuple[list, list, list]:
     layout = _LAYOUTS["veri"]
     views = _veri_views(base)
-    return tuple(_named_folder("veri", _require_dir(base / sub, layout), views)
-                 for sub in ("image_train", "image_query", "image_test"))
+    train, query, gallery = (_named_folder("veri", _require_dir(base / sub, layout), views)
+                             for sub in ("image_train", "image_query", "image_test"))
+    return train, query, gallery
 
 
 def _msmt_list(base: Path, folder: str, list_name: str) -> list[ReidSample]:
@@ -244,7 +250,7 @@ def _msmt_list(base: Path, folder: str, list_name: str) -> list[ReidSample]:
     if not list_file.is_file():
         raise InputError(f"MSMT17: expected the list file {str(list_file)!r} (MSMT17 layout: {_LAYOUTS['msmt17'].expected})")
     image_dir = _require_dir(base / folder, _LAYOUTS["msmt17"])
-    samples = []
+    samples, first = [], None
     for number, line in enumerate(list_file.read_text().splitlines(), 1):
         fields = line.split()
         if not fields:
@@ -257,11 +263,13 @@ def _msmt_list(base: Path, folder: str, list_name: str) -> list[ReidSample]:
         pid = int(fields[1])
         if pid == JUNK_PID:
             continue
-        samples.append(ReidSample(image_dir / fields[0], pid, _check_camera("msmt17", int(found.group(1)), where), 0))
-    if not samples:
+        path = image_dir / fields[0]
+        first = first or path
+        samples.append(ReidSample(path, pid, _check_camera("msmt17", int(found.group(1)), where), 0))
+    if first is None:
         raise InputError(f"MSMT17: the list file {str(list_file)!r} names no images")
-    if not samples[0].path.is_file():
-        raise InputError(f"MSMT17: {list_file} names {str(samples[0].path)!r}, which does not exist; the lists "
+    if not first.is_file():
+        raise InputError(f"MSMT17: {list_file} names {str(first)!r}, which does not exist; the lists "
                          f"give paths relative to {str(image_dir)!r}")
     return samples
 
@@ -299,6 +307,7 @@ _READERS: dict[str, Callable[[Path], tuple[list, list, list]]] = {
     "market1501": lambda base: _market_like("market1501", base),
     "dukemtmc": lambda base: _market_like("dukemtmc", base),
     "occ_duke": lambda base: _market_like("occ_duke", base),
+    "folder": lambda base: _market_like("folder", base),
     "msmt17": _msmt17,
     "veri": _veri,
     "rgbnt201": _rgbnt201,
@@ -308,7 +317,8 @@ _READERS: dict[str, Callable[[Path], tuple[list, list, list]]] = {
 def load_dataset(name: str, root: str | Path) -> ReidDataset:
     """Read data set ``name`` (one of :data:`DATASETS`) from its published folder layout under ``root``.
 
-    Layouts (the data set's folder):
+    Layouts (the data set's folder; ``"folder"`` is any tree in Market-1501's layout and naming, with
+    any number of cameras):
 
     - ``market1501``, ``dukemtmc``, ``occ_duke``: ``bounding_box_train/``, ``query/``, ``bounding_box_test/``
       of ``<id>_c<camera>...`` crops.

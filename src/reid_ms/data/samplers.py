@@ -75,15 +75,15 @@ class RandomIdentitySampler(Sampler[int]):
         groups: dict[int, list[list[int]]] = {}
         for pid in sorted(self._index_by_pid):
             idxs = self._index_by_pid[pid]
-            drawn = rng.choice(idxs, size=k, replace=True) if len(idxs) < k else rng.permutation(idxs)
-            drawn = [int(i) for i in drawn]
+            picked = rng.choice(idxs, size=k, replace=True) if len(idxs) < k else rng.permutation(idxs)
+            drawn = [int(i) for i in picked]
             groups[pid] = [drawn[i:i + k] for i in range(0, len(drawn) - k + 1, k)]
         available = sorted(groups)
         per_batch = self.batch_size // k
         order: list[int] = []
         while len(available) >= per_batch:
-            picked = [available[i] for i in rng.choice(len(available), size=per_batch, replace=False)]
-            for pid in picked:
+            chosen = [available[i] for i in rng.choice(len(available), size=per_batch, replace=False)]
+            for pid in chosen:
                 order.extend(groups[pid].pop(0))
                 if not groups[pid]:
                     available.remove(pid)
