@@ -48,7 +48,7 @@ logger = logging.getLogger("reid_ms.training")
 
 __all__ = ["train", "TrainContext", "TrainResult", "DATASETS", "AMP_DTYPES"]
 
-DATASETS = (*data.DATASETS, "folder")
+DATASETS = data.DATASETS
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT, CONFIG, METRICS, CURVES = "last.pt", "config.json", "metrics.jsonl", "curves.png"
 # Settings a resumed run may change: where things are and how they are shown. Everything else in
@@ -195,6 +195,13 @@ def _split_overrides(name: str, recipe: Recipe, overrides: dict[str, Any]) -> tu
 
 def _distributed(device: Optional[str]) -> tuple[int, int, torch.device, bool]:
     """``(rank, world size, device, whether this call created the process group)``."""
+    if device is not None:
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {exc}") from exc
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: no CUDA device is available here; use device='cpu'")
     own_group = False
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() and device in (None, "cuda") else "gloo")
@@ -243,10 +250,6 @@ def _labels(model: nn.Module, cams: torch.Tensor, views: torch.Tensor, device: t
                 view_label=views.to(device) if model.backbone.view_num > 0 else None)
 
 
-def _load_data(name: str, root: Path) -> Any:
-    return data.load_dataset("market1501" if name == "folder" else name, root)
-
-
 class _Run:
     """One training run: builds everything in ``__init__``, trains in :meth:`fit`."""
 
@@ -267,7 +270,7 @@ class _Run:
         elif resume:
             logger.info("%s: no %s yet, starting from the first epoch", out, CHECKPOINT)
 
-        self.data = _load_data(dataset, root)
+        self.data = data.load_dataset(dataset, root)
         self.build_args = dict(build_args)
         cams = [s.camid for split in (self.data.train, self.data.query, self.data.gallery) for s in split]
         views = [s.viewid for split in (self.data.train, self.data.query, self.data.gallery) for s in split]
