@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         model = reid_ms.build(args.model, pretrained=str(path), **build_args).eval()
         print("load report:")
         print("  " + str(model.load_report).replace("\n", "\n  "))
-        head = [k for k in model.load_report.loaded if k.startswith("head.")]
+        head = [k for k in model.state_dict() if k.startswith("head.") and k in model.load_report.loaded]
         print(f"trained head: {', '.join(head) if head else 'none (the head keeps its initialisation)'}")
 
     dataset = ReidImageFolder(args.images, eval_transform(img_size))

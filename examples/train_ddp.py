@@ -19,8 +19,8 @@ loss is TransReID's half global branch, half mean of the local branches. Multi-m
 offered: they need an image batch per modality. ``reid_ms.convert_sync_batchnorm`` makes the BNNeck a
 SyncBatchNorm, so its batch statistics cover the global batch: PyTorch's SyncBatchNorm on GPUs, reid_ms's
 all-reduce version on the CPU (gloo), where PyTorch's refuses to run.
-Rank 0 saves the model's state dict (``--out``): rebuild the model with the same arguments and
-``model.load_state_dict(torch.load(path))``.
+Rank 0 saves the model's state dict (``--out``); load it by name with the same arguments,
+``reid_ms.build(model_name, pretrained=path, ...)``, or ``reid-ms extract/eval/export --weights path``.
 """
 
 from __future__ import annotations

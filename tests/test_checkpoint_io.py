@@ -184,3 +184,28 @@ def test_load_all_or_nothing_leaves_model_untouched_on_error():
     assert model[0].weight.dtype == torch.float32
     assert torch.equal(model[0].weight, good["0.weight"].half().float())
     assert report.loaded == sorted(good)
+
+
+def test_load_report_is_structured_with_short_reprs():
+    report = LoadReport(path="<b>f.pth", format=FORMAT_TORCH, kind="transreid",
+                        loaded=[f"blocks.{i}.weight" for i in range(200)],
+                        ignored={f"classifier_{i}.weight": "re-ID head" for i in range(500)},
+                        resized={"pos_embed": ((1, 197, 768), (1, 129, 768))}, kept_init=["sie_embed"])
+    assert report.ignored["classifier_3.weight"] == "re-ID head"
+    text = repr(report)
+    assert len(text) < 250, text  # a notebook or a log shows a summary, not 700 keys
+    for part in ("kind='transreid'", "loaded=200", "ignored=500", "resized=['pos_embed']", "kept_init=1"):
+        assert part in text
+    html = report._repr_html_()
+    assert len(html) < 1500 and html.startswith("<table")
+    assert "&lt;b&gt;f.pth" in html and "<b>f.pth" not in html  # the path is escaped
+    assert "200 tensors" in html and "(500 in all)" in html and "[1, 197, 768] &rarr; [1, 129, 768]" in html
+    assert "(500 in all)" in str(report)
+
+
+def test_one_prefix_strip_for_every_filter():
+    from reid_ms.weights._io import strip_prefix
+
+    assert strip_prefix({"module.a": 1, "module.b": 2}) == ({"a": 1, "b": 2}, True)
+    assert strip_prefix({"module.a": 1, "b": 2}) == ({"module.a": 1, "b": 2}, False)
+    assert strip_prefix({}) == ({}, False)

@@ -23,6 +23,7 @@ import collections
 import io
 import random
 import signal
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from torch import nn
 import reid_ms
 from reid_ms import CheckpointError, ClipVisual, UnsafeCheckpointError, VitTrans
 from _helpers_clip import OpenAIStyleCLIP, open_clip_model, write_openai_archive
+from _helpers_hostile import MIB, _op, ts_nested, ts_record, ts_tensor
 from _helpers_vit import bilinear_grid, google_npz, timm_vit
 
 VIT = dict(img_size=(64, 32), patch_size=16, stride_size=16, embed_dim=32, depth=2, num_heads=4,
@@ -45,6 +47,22 @@ VIT = dict(img_size=(64, 32), patch_size=16, stride_size=16, embed_dim=32, depth
 CLIP = dict(img_size=(64, 32), patch_size=8, stride_size=8, width=64, layers=2, heads=4, output_dim=32)
 CAMERAS, CLASSES = 3, 5
 SECONDS_PER_LOAD = 10
+BOMB = 64 * MIB
+# Peak resident memory a case may add: the tiny models are about 0.5 MiB; a loader that inflated a bomb
+# or materialised a declared view would add 64 MiB to gigabytes.
+MAX_GROWTH = 32 * MIB
+
+
+def _memory() -> tuple[int, int]:
+    """``(current, peak)`` resident bytes of this process (Linux ``VmRSS``, ``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current resident size
+        f.write("5")
 
 
 # -- the intact files ------------------------------------------------------------------------------------------
@@ -80,6 +98,7 @@ class Source:
     attempt: Callable[[Path], tuple[nn.Module, dict[str, torch.Tensor], Any]]  # -> (model, before, report)
     prefix: str = ""  # model-key prefix of what the backbone loader fills ("backbone." for build)
     reader: Optional[Callable[[bytes], dict[str, torch.Tensor]]] = None  # only for formats without checksum
+    keeps_views: bool = True  # torch.save stores a stride-0 view as one element; .npz / safetensors would expand it
 
 
 def _loader_attempt(make: Callable[[], nn.Module], load: Callable) -> Callable:
@@ -137,9 +156,9 @@ def _sources(tmp: Path) -> list[Source]:
     google_npz(timm_sd, 4, tmp / "google.npz")
     with np.load(tmp / "google.npz") as z:
         npz_state = {k: torch.from_numpy(z[k].copy()) for k in z.files}
-    add("Google .npz", npz_state, _npz_bytes, vit_load)
+    add("Google .npz", npz_state, _npz_bytes, vit_load, keeps_views=False)
     add(".safetensors", {k: v.contiguous() for k, v in timm_sd.items()}, safetensors_save, vit_load,
-        reader=safetensors_load)
+        reader=safetensors_load, keeps_views=False)
 
     torch.manual_seed(5)
     trained = VitTrans(**VIT, camera_num=CAMERAS)
@@ -204,6 +223,52 @@ def _nan_fill(name: str, payload: bytes) -> bytes:
 
 def _storage_members(members: list[tuple[str, bytes]]) -> list[int]:
     return [i for i, (n, p) in enumerate(members) if ("/data/" in n or n.endswith(".npy")) and len(p) >= 4]
+
+
+def _bomb(data: bytes, pick: Callable[[list[str]], Optional[str]]) -> bytes:
+    """The zip ``data`` with the member ``pick`` chooses replaced by 64 MiB of zeros, deflated (about 64 KiB)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as zin:
+        victim = pick(zin.namelist())
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as zout:
+            for info in zin.infolist():
+                if info.filename == victim:
+                    zout.writestr(info.filename, bytes(BOMB), compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
+                else:
+                    zout.writestr(info, zin.read(info.filename))
+    return out.getvalue()
+
+
+def _deep_key(data: bytes) -> bytes:
+    """A torch.save zip whose top-level dict gains a tuple key nested 1e5 deep."""
+    def edit(members):
+        out = []
+        for name, payload in members:
+            if name.endswith("data.pkl"):
+                at = payload.index(b"}") + 3  # after EMPTY_DICT and its BINPUT
+                payload = payload[:at] + _op("x") + b"\x85" * 100_000 + _op(1) + b"s" + payload[at:]
+            out.append((name, payload))
+        return out
+    return _rezip(data, edit)
+
+
+def resource_cases(src: Source, rng: random.Random) -> list[tuple[str, bytes]]:
+    """Small files declaring large or deep things: zip bombs, deep keys and records."""
+    if not zipfile.is_zipfile(io.BytesIO(src.data)):
+        return []
+    storage = lambda names: rng.choice([n for n in names if "/data/" in n or n.endswith(".npy")])  # noqa: E731
+    pickle_member = lambda names: next((n for n in names if n.endswith("data.pkl")), names[0])  # noqa: E731
+    cases = [("zip bomb: a storage member inflating to 64 MiB", _bomb(src.data, storage)),
+             ("zip bomb: the pickle member inflating to 64 MiB", _bomb(src.data, pickle_member))]
+    with zipfile.ZipFile(io.BytesIO(src.data)) as zf:
+        names = zf.namelist()
+    if any(n.endswith("constants.pkl") for n in names):
+        deep = b"\x80\x02" + ts_nested(2000, ts_record({"w": ts_tensor("0", 1, (1,), (1,))})) + b"."
+        cases.append(("2000 nested TorchScript records", _rezip(src.data, lambda m: [
+            (n, deep if n.endswith("data.pkl") else p) for n, p in m])))
+    elif any(n.endswith("data.pkl") for n in names):
+        cases.append(("tuple key nested 1e5 deep", _deep_key(src.data)))
+    return cases
 
 
 def byte_cases(src: Source, rng: random.Random) -> list[tuple[str, bytes]]:
@@ -281,6 +346,18 @@ def tensor_cases(src: Source, rng: random.Random) -> list[tuple[str, dict[str, t
                                                                                        float("inf")).view_as(s[k])))
     mutate("shape +1", key(), lambda s, k: off_by_one(s, k, 1))
     mutate("shape -1", key(), lambda s, k: off_by_one(s, k, -1))
+    if src.keeps_views:
+        pos = next((k for k in float_keys if k.endswith(("pos_embed", "positional_embedding"))), key())
+
+        def wide(s, k):  # a few bytes on disk declaring 2^26 columns
+            s[k] = torch.zeros(1).expand(*s[k].shape[:-1], 1 << 26)
+
+        def grid(s, k):  # the model's width, an 8192 x 8192 grid (8 GiB as float32)
+            s[k] = torch.zeros(1).expand(*s[k].shape[:-2], 1 + (1 << 26), s[k].shape[-1])
+
+        mutate("stride-0 view of 2^26 columns", pos, wide)
+        mutate("stride-0 view of 2^26 columns", key(), wide)
+        mutate("stride-0 view of an 8192x8192 grid", pos, grid)
     mutate("key renamed", key(), lambda s, k: s.__setitem__(k + "_renamed", s.pop(k)))
     mutate("key dropped", key(), lambda s, k: s.pop(k))
     mutate("key added", "extra.weight", lambda s, k: s.__setitem__(k, torch.randn(4)))
@@ -301,12 +378,9 @@ def _assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None
         assert torch.equal(after[k], v), f"model changed by a failed load: {k}"
 
 
-def _kept(src: Source, model: nn.Module, report) -> set[str]:
+def _kept(report) -> set[str]:
     """Model keys the report says were not filled from the file (table without a file entry, unfit head)."""
-    kept = {src.prefix + k for k in report.kept_init}
-    if src.prefix:
-        kept |= {k for k in model.state_dict() if not k.startswith(src.prefix) and k not in report.loaded}
-    return kept
+    return set(report.kept_init)
 
 
 def _stored_bytes_loaded(src: Source, model, intact, damaged: bytes, kept: set[str]) -> bool:
@@ -348,7 +422,7 @@ def _run_case(src: Source, payload: bytes, path: Path, intact: dict[str, torch.T
         return type(e).__name__
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-    kept = _kept(src, model, report)
+    kept = _kept(report)
     state = model.state_dict()
     if all(torch.equal(v, before[k] if k in kept else intact[k]) for k, v in state.items()):
         differs = any(not torch.equal(before[k], intact[k]) for k in kept)
@@ -363,6 +437,7 @@ def test_fuzzed_checkpoints_end_in_a_clean_error_or_a_faithful_load(tmp_path, ca
     previous = signal.signal(signal.SIGALRM, _on_alarm)
     tally: collections.Counter[str] = collections.Counter()
     failures = []
+    worst_memory, worst_time = (0, ""), (0.0, "")
     try:
         for index, src in enumerate(_sources(tmp_path)):
             rng = random.Random(1000 + index)
@@ -370,19 +445,29 @@ def test_fuzzed_checkpoints_end_in_a_clean_error_or_a_faithful_load(tmp_path, ca
             intact_path.write_bytes(src.data)
             model, _, _ = src.attempt(intact_path)
             intact = {k: v.clone() for k, v in model.state_dict().items()}
-            cases = byte_cases(src, rng)
+            cases = byte_cases(src, rng) + resource_cases(src, rng)
             if src.tensors is not None:
                 cases += [(name, src.encode(state)) for name, state in tensor_cases(src, rng)]
             for name, payload in cases:
+                what = f"{src.name}: {name}"
+                _reset_peak()
+                rss, _ = _memory()
+                start = time.perf_counter()
                 try:
                     tally[_run_case(src, payload, tmp_path / f"case{index}", intact)] += 1
                 except Exception as e:  # collected so one run lists every failing case
-                    failures.append(f"{src.name}: {name}: {type(e).__name__}: {str(e)[:300]}")
+                    failures.append(f"{what}: {type(e).__name__}: {str(e)[:300]}")
+                seconds, grown = time.perf_counter() - start, _memory()[1] - rss
+                worst_memory, worst_time = max(worst_memory, (grown, what)), max(worst_time, (seconds, what))
+                if grown > MAX_GROWTH:
+                    failures.append(f"{what}: peak memory grew by {grown / MIB:.0f} MiB")
     finally:
         signal.signal(signal.SIGALRM, previous)
     total = sum(tally.values()) + len(failures)
     with capsys.disabled():
         print(f"\nfuzz: {total} cases: " + ", ".join(f"{n} {what}" for what, n in tally.most_common()))
+        print(f"fuzz: worst peak memory growth {worst_memory[0] / MIB:.1f} MiB ({worst_memory[1]}); "
+              f"worst time {worst_time[0]:.2f} s ({worst_time[1]})")
     assert not failures, "\n".join(failures)
     assert total >= 300
     assert tally["CheckpointError"] > 0 and tally["faithful load"] > 0

@@ -106,3 +106,142 @@ def test_register_refuses_what_is_not_a_spec():
 def test_public_names():
     assert reid_ms.build is build and reid_ms.list_models is list_models and reid_ms.register is register
     assert reid_ms.ReIDModel is type(build("vit_b16", **TINY_VIT))
+
+
+# -- pretrained: saved models load by name, one read, a path only ------------------------------------------------
+
+
+def _tiny_build_args(name: str) -> dict:
+    spec = reid_ms.registry.get_spec(name)
+    vit = spec.backbone is reid_ms.VitTrans
+    args = dict(TINY_VIT, depth=2) if vit else dict(TINY_CLIP, layers=2)
+    args.update(camera_num=3, num_classes=5)
+    if spec.adapt_dim is not None:
+        args["adapt_dim"] = 40
+    return args
+
+
+def _randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter and buffer away from its initialisation (zero necks, BN statistics included)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, t in model.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5 if "running_var" in k
+                        else torch.randn(t.shape, generator=gen) * 0.2)
+            else:
+                t.fill_(7)
+    return model.eval()
+
+
+def _inputs(model: torch.nn.Module) -> object:
+    x = torch.randn(2, 3, 64, 32, generator=torch.Generator().manual_seed(9))
+    return {m: x + i for i, m in enumerate(model.modalities)} if hasattr(model, "modalities") else x
+
+
+@pytest.mark.parametrize("name, wrapped", [(name, False) for name in list_models()]
+                         + [("vit_b16_ms_jpm", True), ("clip_b16_ms_rgbnt", True)])
+def test_a_saved_model_loads_exactly_by_name(name, wrapped, tmp_path):
+    args = _tiny_build_args(name)
+    torch.manual_seed(0)
+    source = _randomised(build(name, **args), seed=1)
+    path = tmp_path / "saved.pt"
+    # reid-ms train writes {"model": state_dict, "epoch": ...}; a user writes the state dict itself
+    torch.save({"model": source.state_dict(), "epoch": 3} if wrapped else source.state_dict(), path)
+    torch.manual_seed(1)
+    model = build(name, pretrained=path, **args).eval()
+    assert model.load_report.kind == "reid_ms" and model.load_report.kept_init == []
+    assert sorted(model.load_report.loaded) == sorted(source.state_dict())
+    assert ("epoch" in model.load_report.ignored) == wrapped
+    for k, v in source.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    with torch.no_grad():
+        assert torch.equal(model(_inputs(model), cam_label=1), source(_inputs(source), cam_label=1))
+
+
+def test_a_saved_model_of_another_build_is_refused_by_name(tmp_path):
+    path = tmp_path / "saved.pt"
+    torch.save(build("vit_b16_ms", **_tiny_build_args("vit_b16_ms")).state_dict(), path)
+    with pytest.raises(CheckpointError, match="missing .*neck|unexpected .*neck"):
+        build("vit_b16", pretrained=path, **_tiny_build_args("vit_b16"))
+    with pytest.raises(CheckpointError, match="'head.classifier.weight' has shape"):
+        build("vit_b16_ms", pretrained=path, **{**_tiny_build_args("vit_b16_ms"), "num_classes": 4})
+
+
+def test_pretrained_takes_a_path_and_is_checked_before_building(monkeypatch):
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before pretrained was checked")
+
+    monkeypatch.setattr(reid_ms.VitTrans, "__init__", no_build)
+    for value in (True, 1, ["a.pth"]):
+        with pytest.raises(ConfigError, match="pretrained takes the path of a local checkpoint"):
+            build("vit_b16", pretrained=value)
+
+
+def test_a_transreid_checkpoint_is_read_once(tmp_path, monkeypatch):
+    args = _tiny_build_args("vit_b16")
+    backbone = reid_ms.VitTrans(**{k: v for k, v in args.items() if k != "num_classes"})
+    head = {"bottleneck.weight": torch.rand(32) + 0.5, "bottleneck.bias": torch.zeros(32),
+            "bottleneck.running_mean": torch.randn(32), "bottleneck.running_var": torch.rand(32) + 0.5,
+            "bottleneck.num_batches_tracked": torch.tensor(5), "classifier.weight": torch.randn(5, 32)}
+    path = tmp_path / "transreid.pth"
+    torch.save({f"base.{k}": v for k, v in backbone.state_dict().items()} | head, path)
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: reads.append(a[0]) or real_load(*a, **kw))
+    model = build("vit_b16", pretrained=path, **args)
+    assert reads == [str(path)]
+    assert torch.equal(model.head.classifier.weight, head["classifier.weight"])
+    assert "head.bottleneck.running_var" in model.load_report.loaded
+    assert not any(k.startswith(("bottleneck.", "classifier.")) for k in model.load_report.ignored)
+
+
+def test_a_saved_model_loads_by_name_in_the_cli(tmp_path):
+    """The file decides every weight: extracts under two seeds agree, and differ without the file."""
+    import numpy as np
+    from PIL import Image
+
+    from reid_ms.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (64, 32, 3), dtype=np.uint8)).save(images / f"000{i}_c1s1_00000{i}_00.jpg")
+    model = _randomised(build("vit_b16_ms", embed_dim=32, depth=2, num_heads=4, img_size=(64, 32)), seed=3)
+    weights = tmp_path / "last.pt"
+    torch.save({"model": model.state_dict(), "epoch": 1}, weights)
+    model_args = ["vit_b16_ms", "--img-size", "64", "32", "--set", "embed_dim=32", "--set", "depth=2",
+                  "--set", "num_heads=4", "--images", str(images), "-q"]
+    feats = {}
+    for run, extra in {"seed0": ["--weights", str(weights)], "seed1": ["--weights", str(weights), "--seed", "1"],
+                       "random": []}.items():
+        assert main(["extract", *model_args, *extra, "--out", str(tmp_path / f"{run}.npz")]) == 0
+        feats[run] = np.load(tmp_path / f"{run}.npz")["feats"]
+    assert np.array_equal(feats["seed0"], feats["seed1"])
+    assert not np.allclose(feats["seed0"], feats["random"])
+
+
+def test_load_multimodal_weights_lives_in_weights_which_imports_no_model(tmp_path):
+    import ast
+    from pathlib import Path
+
+    import reid_ms.weights
+    from reid_ms.weights.multimodal import load_multimodal_weights
+
+    assert reid_ms.load_multimodal_weights is load_multimodal_weights
+    for source in Path(reid_ms.weights.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith(("reid_ms.model", "reid_ms.registry")), source.name
+    model = build("clip_b16_ms_rgbnt", **_tiny_build_args("clip_b16_ms_rgbnt"))
+    source = _randomised(reid_ms.ClipVisual(**{**TINY_CLIP, "layers": 2, "camera_num": 3}), seed=4)
+    path = tmp_path / "clip.pth"
+    torch.save(source.state_dict(), path)
+    neck_before = {k: v.clone() for k, v in model.neck.state_dict().items()}
+    report = load_multimodal_weights(model, path)
+    assert all(torch.equal(model.backbone.state_dict()[k], v) for k, v in source.state_dict().items())
+    assert all(torch.equal(model.neck.state_dict()[k], v) for k, v in neck_before.items())
+    assert {f"neck.{k}" for k in neck_before} <= set(report.kept_init)
+    with pytest.raises(ConfigError, match="VitTrans or ClipVisual backbone"):
+        load_multimodal_weights(torch.nn.Linear(2, 2), path)

@@ -209,3 +209,74 @@ def test_damaged_archives_are_named(openai_archive, tmp_path):
     _rewrite(path, nopkl, {"data.pkl": b"\x80\x02c__torch__\nCLIP\n)\x81"})  # stops mid-stream
     with pytest.raises(CheckpointError, match="damaged"):
         read_torchscript_archive(nopkl)
+
+
+# -- only the allow-list unpickles; big-endian storages are swapped --------------------------------------------
+
+from _helpers_hostile import _op, ts_archive, ts_record, ts_tensor  # noqa: E402
+
+
+def _payload_archive(tmp_path, module: str, name: str, args: tuple) -> str:
+    call = f"c{module}\n{name}\n".encode() + _op(args) + b"R"
+    record = ts_record({"visual": ts_record({"class_embedding": ts_tensor("0", 4, (4,), (1,)), "evil": call})})
+    return str(ts_archive(tmp_path / f"{module}.{name}.pt", record, {"0": bytes(16)}))
+
+
+@pytest.mark.parametrize("module, name, args", [
+    ("torch.serialization", "save", (1, "{marker}")),
+    ("torch", "save", (1, "{marker}")),
+    ("torch", "load", ("{marker}",)),
+    ("torch.jit", "load", ("{marker}",)),
+    ("torch.hub", "load", ("{marker}", "model")),
+    ("torch.storage", "_load_from_bytes", ("{marker}",)),
+    ("torch._C", "_set_warnAlways", (True,)),
+    ("torch.nn.modules.module", "Module", ()),
+    ("torch", "FloatTensor", (3,)),
+    ("torch._utils", "_rebuild_device_tensor_from_numpy", ("{marker}",)),
+    ("builtins", "getattr", ("{marker}", "upper")),
+    ("builtins", "__import__", ("os",)),
+    ("builtins", "open", ("{marker}", "w")),
+    ("__builtin__", "exec", ("open({marker!r}, 'w').close()",)),
+    ("posix", "system", ("touch {marker}",)),
+    ("subprocess", "run", (["touch", "{marker}"],)),
+    ("numpy", "load", ("{marker}",)),
+])
+def test_every_global_outside_the_allow_list_is_refused_unrun(tmp_path, module, name, args):
+    marker = str(tmp_path / "written")
+    args = tuple([a.format(marker=marker) for a in x] if isinstance(x, list)
+                 else x.format(marker=marker) if isinstance(x, str) else x for x in args)
+    path = _payload_archive(tmp_path, module, name, args)
+    with pytest.raises(UnsafeCheckpointError, match=f"asks to create {module}.{name},"):
+        read_torchscript_archive(path)
+    with pytest.raises(UnsafeCheckpointError):
+        load_clip_weights(ClipVisual(**TINY_MODEL), path)
+    assert not os.path.exists(marker)
+
+
+def test_the_allowed_globals_are_the_readers_own_stand_ins(tmp_path):
+    """The tensor rebuild functions resolve to the reader's checked versions, never torch's own."""
+    import torch._utils as torch_utils
+    from reid_ms.weights import torchscript
+
+    for (module, name), stand_in in torchscript._ALLOWED_FUNCTIONS.items():
+        real = getattr(__import__(module, fromlist=[name]), name)
+        assert stand_in is not real or (module, name) == ("collections", "OrderedDict"), (module, name)
+    assert set(torchscript._ALLOWED_FUNCTIONS) == {
+        ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
+        ("torch._utils", "_rebuild_parameter"), ("collections", "OrderedDict")}
+    assert torch_utils._rebuild_tensor_v2 not in torchscript._ALLOWED_FUNCTIONS.values()
+
+
+@pytest.mark.parametrize("dtype, storage, values", [
+    (torch.float32, "FloatStorage", [1.5, -2.25, 3.0e-3, 7.0e8]),
+    (torch.float16, "HalfStorage", [1.5, -2.25, 0.125, 1000.0]),
+    (torch.int64, "LongStorage", [1, -2, 3 << 40, 7]),
+])
+def test_big_endian_storages_are_swapped(tmp_path, dtype, storage, values):
+    expected = torch.tensor(values, dtype=dtype)
+    little = expected.numpy().tobytes()
+    big = expected.numpy().byteswap().tobytes()
+    record = ts_record({"w": ts_tensor("0", 4, (4,), (1,), storage=storage)})
+    for order, raw in (("big", big), ("little", little)):
+        got = read_torchscript_archive(ts_archive(tmp_path / f"{order}.pt", record, {"0": raw}, byteorder=order))
+        assert torch.equal(got["w"], expected), order

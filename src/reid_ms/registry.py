@@ -232,16 +232,16 @@ def _head_state(head: BNNeckHead, spec: ModelSpec, heads: dict[str, torch.Tensor
     prefix = spec.head_prefix
     target = head.bottleneck.state_dict()
     state = {k: heads[prefix + k] for k in target if prefix + k in heads}
-    # checkpoints from before BatchNorm counted its batches lack num_batches_tracked: ours is kept then
-    needed = [k for k in target if k != "num_batches_tracked"]
     if not state:
         return {}
+    # checkpoints from before BatchNorm counted its batches lack num_batches_tracked: ours is kept then
+    needed = [k for k in target if k != "num_batches_tracked"]
     if any(k not in state for k in needed) or any(v.shape != target[k].shape for k, v in state.items()):
         logger.info("%s: the trained BNNeck under %r does not fit the %d-wide head; the head keeps its "
                     "initialisation", report.path, prefix, head.feat_dim)
         return {}
     out = {f"head.bottleneck.{k}": v for k, v in state.items()}
-    used = [prefix + k for k in target if prefix + k in heads]
+    used = [prefix + k for k in state]
     weight = heads.get(spec.classifier_key) if spec.classifier_key else None
     if head.classifier is not None and weight is not None and weight.shape == head.classifier.weight.shape:
         out["head.classifier.weight"] = weight

@@ -44,25 +44,25 @@ class LoadReport:
         lines += [f"  resized {k}: {list(a)} -> {list(b)}" for k, (a, b) in self.resized.items()]
         lines += [f"  kept initialisation: {k} (not in the file)" for k in self.kept_init]
         if self.ignored:
-            lines.append(f"  ignored: {_shortlist(list(self.ignored))}")
+            lines.append(f"  ignored: {_shortlist([f'{k} ({why})' for k, why in self.ignored.items()])}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
         return (f"LoadReport(kind={self.kind!r}, format={self.format!r}, loaded={len(self.loaded)}, "
-                f"ignored={len(self.ignored)}, resized={list(self.resized)}, kept_init={self.kept_init}, "
+                f"ignored={len(self.ignored)}, resized={list(self.resized)}, kept_init={len(self.kept_init)}, "
                 f"path={self.path!r})")
 
     def _repr_html_(self) -> str:
         # a notebook cell shows a summary table, not every key
         rows = [("file", self.path), ("checkpoint", f"{self.kind} ({self.format})"),
                 ("loaded", f"{len(self.loaded)} tensors")]
-        rows += [("resized", f"{k}: {list(a)} &rarr; {list(b)}") for k, (a, b) in self.resized.items()]
+        rows += [("resized", f"{html.escape(k)}: {list(a)} &rarr; {list(b)}") for k, (a, b) in self.resized.items()]
         if self.kept_init:
             rows.append(("kept initialisation", _shortlist(self.kept_init)))
         if self.ignored:
             rows.append(("ignored", _shortlist(list(self.ignored))))
-        body = "".join(f"<tr><th style='text-align:left'>{html.escape(a)}</th><td>{b if a == 'resized' else html.escape(b)}"
-                       f"</td></tr>" for a, b in rows)
+        body = "".join(f"<tr><th style='text-align:left'>{a}</th><td>{b if a == 'resized' else html.escape(b)}</td></tr>"
+                       for a, b in rows)
         return f"<table><caption>LoadReport</caption>{body}</table>"
 
 

@@ -38,7 +38,7 @@ _MAX_RATIO = 100
 _RATIO_FLOOR = 16 << 20
 
 
-def _check_members(zf: zipfile.ZipFile, path: str, budget: Optional[int]) -> None:
+def check_members(zf: zipfile.ZipFile, path: str, budget: Optional[int]) -> None:
     """Refuse an archive from its central directory alone, before any member is inflated."""
     size = os.path.getsize(path)
     inflated = 0
@@ -75,7 +75,7 @@ def sniff_format(path: str, budget: Optional[int] = None) -> str:
         try:
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()
-                _check_members(zf, path, budget)
+                check_members(zf, path, budget)
                 # torch.load does not check the members' CRC-32, so a flipped byte in a tensor would load
                 # as a silently different weight: check every member once here.
                 bad = zf.testzip()
@@ -101,11 +101,11 @@ def sniff_format(path: str, budget: Optional[int] = None) -> str:
                           f"TorchScript archive, an .npz or a .safetensors file; it starts with {head[:8]!r})")
 
 
-def _read_torch(path: str, zipped: bool) -> Any:
+def _read_torch(path: str) -> Any:
     try:
-        # mmap: storages stay in the file until a tensor is used, so what a file holds beside the model
-        # (optimizer state, a text tower) costs no memory
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+        # not mmap=True: torch then skips its check of each storage's record size, and a short member reads
+        # the bytes that follow it in the file as weights
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
         if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
@@ -163,9 +163,7 @@ def read_checkpoint(path: str | os.PathLike, budget: Optional[int] = None) -> tu
             from reid_ms.weights.torchscript import read_torchscript_archive
 
             return read_torchscript_archive(path, budget), fmt
-        with open(path, "rb") as f:
-            zipped = f.read(2) == b"PK"
-        return _read_torch(path, zipped), fmt
+        return _read_torch(path), fmt
     except OSError as e:
         raise _open_error(path, e) from e
 

@@ -19,7 +19,7 @@ from torch import nn
 from reid_ms.backbones.clip import ClipVisual
 from reid_ms.backbones.vit import VitTrans
 from reid_ms.errors import ConfigError
-from reid_ms.weights._common import LoadReport, check_declared, memory_budget
+from reid_ms.weights._common import LoadReport
 from reid_ms.weights._io import flatten_state_dict, strip_prefix
 from reid_ms.weights.clip import clip_checkpoint_filter
 from reid_ms.weights.vit import vit_checkpoint_filter
@@ -45,13 +45,12 @@ def saved_model(tensors: dict[str, torch.Tensor], ignored: dict[str, str], model
                 fmt: str) -> Optional[tuple[dict[str, torch.Tensor], LoadReport]]:
     """``(tensors, report)`` when ``tensors`` (flattened, unprefixed) has a built model's keys, else ``None``.
 
-    The tensors are taken as they are; the load checks them against ``model`` key by key.
+    The tensors are taken as they are: the load checks every key and shape against ``model`` before it
+    computes with any of them, so nothing larger than the model is materialised.
     """
     if not any(k.startswith("backbone.") for k in tensors) or not hasattr(model, "backbone"):
         return None
-    report = LoadReport(path=path, format=fmt, kind=KIND_SAVED, ignored=ignored)
-    check_declared(tensors, report, memory_budget(model))
-    return tensors, report
+    return tensors, LoadReport(path=path, format=fmt, kind=KIND_SAVED, ignored=ignored)
 
 
 def built_model_filter(checkpoint: Mapping[str, Any], model: nn.Module, path: str = "<state dict>",

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from reid_ms.errors import CheckpointError, ReidMsError, UnsafeCheckpointError
+from reid_ms.weights._io import check_members
 
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32,
@@ -232,6 +233,7 @@ def read_torchscript_archive(path: str | os.PathLike, budget: Optional[int] = No
     path = os.fspath(path)
     try:
         with zipfile.ZipFile(path) as archive:
+            check_members(archive, path, budget)
             names = archive.namelist()
             roots = [n[: -len("data.pkl")] for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(roots) != 1:
