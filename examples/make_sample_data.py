@@ -1,6 +1,6 @@
-"""Write the small synthetic re-ID set in ``examples/sample_data`` (Market-1501 naming, 128x64 JPEGs).
+"""Write the small synthetic re-ID set that ships in the package (Market-1501 naming, 128x64 JPEGs).
 
-    python examples/make_sample_data.py                 # rewrites examples/sample_data/{query,gallery}
+    python examples/make_sample_data.py                 # rewrites src/reid_ms/sample_set/{query,gallery}
     python examples/make_sample_data.py --out /tmp/sd   # somewhere else
 
 Each identity is a fixed "outfit" (head, shirt and trouser colours, a stripe); each camera changes the
@@ -82,7 +82,8 @@ def make_sample_data(out: Path, seed: int = 0) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "sample_data")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parents[1] / "src" / "reid_ms" / "sample_set")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     files = make_sample_data(args.out, args.seed)

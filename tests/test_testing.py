@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -207,3 +210,15 @@ def test_check_neck_catches(fault, message):
         return
     with pytest.raises(AssertionError, match=message):
         rt.check_neck(BrokenNeck(fault))
+
+
+def test_the_documented_example_runs():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "testing.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", page, re.S)
+    namespace: dict = {}
+    # the page's own example count is what a project would run; two examples each prove it runs here
+    exec(compile(code.replace("max_examples=5", "max_examples=2"), "docs/testing.md", "exec"), namespace)
+    tests = [f for name, f in namespace.items() if name.startswith("test_")]
+    assert len(tests) == 3
+    for test in tests:
+        test()

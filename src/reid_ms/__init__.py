@@ -26,6 +26,7 @@ from reid_ms.models.multimodal import load_multimodal_weights
 from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow
 from reid_ms.necks.jpm import JigsawPatchNeck
 from reid_ms.registry import ModelSpec, build, list_models, register
+from reid_ms.samples import SampleData, sample_data
 from reid_ms.weights._common import LoadReport
 from reid_ms.weights.clip import load_clip_weights
 from reid_ms.weights.jpm import load_jpm_weights
@@ -46,6 +47,8 @@ __all__ = [
     "convert_sync_batchnorm",
     # export, metrics
     "export_onnx", "export_program", "metrics",
+    # the sample set shipped with the package
+    "sample_data", "SampleData",
     # errors
     "ReidMsError", "ConfigError", "InputError", "CheckpointError", "CheckpointNotFoundError",
     "UnsafeCheckpointError",

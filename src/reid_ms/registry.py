@@ -71,6 +71,9 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
+# (module, qualified name) of the function each name was registered from: a definition run again (a
+# notebook cell, importlib.reload) replaces its own entry, a different function needs override=True
+_ORIGIN: dict[str, tuple[str, str]] = {}
 
 
 def _params(cls: type, exclude: tuple[str, ...] = ()) -> list[str]:
@@ -92,7 +95,7 @@ def _part_args(spec: ModelSpec) -> dict[str, list[str]]:
     return parts
 
 
-def register(name: str) -> Callable[[Callable[[], ModelSpec]], Callable[[], ModelSpec]]:
+def register(name: str, override: bool = False) -> Callable[[Callable[[], ModelSpec]], Callable[[], ModelSpec]]:
     """Register the :class:`ModelSpec` returned by the decorated function under ``name``.
 
     ::
@@ -100,11 +103,18 @@ def register(name: str) -> Callable[[Callable[[], ModelSpec]], Callable[[], Mode
         @register("vit_s16_ms_light")
         def vit_s16_ms_light() -> ModelSpec:
             return ModelSpec(VitTrans, load_vit_weights, dict(embed_dim=384, num_heads=6), neck_mode="light")
+
+    Registering a name again from the same definition (same module and function name: a notebook cell
+    run twice, a reloaded module) replaces the entry. A different function under a taken name is a
+    :class:`ConfigError` unless ``override=True``, so two libraries cannot silently shadow each other.
     """
 
     def decorator(fn: Callable[[], ModelSpec]) -> Callable[[], ModelSpec]:
-        if name in _REGISTRY:
-            raise ConfigError(f"a model named {name!r} is already registered; choose another name")
+        origin = (getattr(fn, "__module__", None) or "", getattr(fn, "__qualname__", None) or repr(fn))
+        if name in _REGISTRY and not override and _ORIGIN.get(name) != origin:
+            where = ".".join(_ORIGIN.get(name, ("", "?"))).lstrip(".")
+            raise ConfigError(f"a model named {name!r} is already registered (by {where}); choose another name, "
+                              f"or pass register({name!r}, override=True) to replace it")
         spec = fn()
         if not isinstance(spec, ModelSpec):
             raise ConfigError(f"@register({name!r}) expects a function returning a ModelSpec, "
@@ -121,6 +131,7 @@ def register(name: str) -> Callable[[Callable[[], ModelSpec]], Callable[[], Mode
                                       f"build() could not tell where an override goes")
                 seen[n] = part
         _REGISTRY[name] = spec
+        _ORIGIN[name] = origin
         return fn
 
     return decorator
