@@ -89,7 +89,7 @@ def _weights_path(weights: Optional[str]) -> Optional[Path]:
     return path
 
 
-def _build_model(args: argparse.Namespace) -> nn.Module:
+def _build_model(args: argparse.Namespace) -> Any:
     """The model named on the command line, in eval mode, on ``args.device``."""
     weights = _weights_path(args.weights)
     if weights is None and args.command != "info":
@@ -117,7 +117,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _settings(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
+def _settings(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     """Everything that changes the features; a resumed extraction must match it exactly."""
     weights = _weights_path(args.weights)
     build = {f"build.{k}": list(v) if isinstance(v, tuple) else v for k, v in _build_kwargs(args).items()}
@@ -134,13 +134,13 @@ def _settings(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
 
 # -- feature extraction ---------------------------------------------------------------------------
 
-def _camera_labels(model: nn.Module, camids: torch.Tensor) -> Optional[torch.Tensor]:
+def _camera_labels(model: Any, camids: torch.Tensor) -> Optional[torch.Tensor]:
     # Only models built with a camera table take camera labels; the others would reject them.
     return camids if model.backbone.camera_num > 0 else None
 
 
 def extract_features(
-    model: nn.Module, dataset: ReidImageFolder, batch_size: int, device: str, workers: int = 0,
+    model: Any, dataset: ReidImageFolder, batch_size: int, device: str, workers: int = 0,
     desc: str = "extract", on_batch: Optional[Callable[[np.ndarray, np.ndarray], None]] = None,
     progress: bool = True,
 ) -> np.ndarray:
@@ -164,7 +164,7 @@ def extract_features(
     return out
 
 
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+def _save_npz(path: Path, **arrays: Any) -> None:
     """Write ``arrays`` to ``path`` atomically: a reader sees the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -261,7 +261,7 @@ def _drop_junk(feats: np.ndarray, pids: np.ndarray, camids: np.ndarray, what: st
     return feats[keep], pids[keep], camids[keep]
 
 
-def _features_from_dir(args: argparse.Namespace, model: nn.Module, folder: str, what: str) -> Features:
+def _features_from_dir(args: argparse.Namespace, model: Any, folder: str, what: str) -> Features:
     dataset = ReidImageFolder(folder, eval_transform(model.backbone.img_size, args.mean, args.std))
     feats = extract_features(model, dataset, args.batch_size, args.device, args.workers, desc=what,
                              progress=not args.quiet)
@@ -315,7 +315,7 @@ def _count(module: Optional[nn.Module]) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
-def _parts(model: nn.Module) -> list[tuple[str, Optional[nn.Module]]]:
+def _parts(model: Any) -> list[tuple[str, Optional[nn.Module]]]:
     """The parts whose parameters make up ``model``'s, by the name ``info`` prints."""
     parts = [("backbone", model.backbone), ("adapter", model.adapter)]
     if isinstance(model, reid_ms.JPMReIDModel):

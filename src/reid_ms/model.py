@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ class BuiltModel(nn.Module):
             if not hasattr(backbone, attr):
                 raise ConfigError(f"{owner} needs a backbone with a {attr!r} attribute (like reid_ms.VitTrans "
                                   f"and reid_ms.ClipVisual); {type(backbone).__name__} has none")
-        width = backbone.out_dim
+        width: int = getattr(backbone, "out_dim")  # checked above; a Module attribute types as Tensor | Module
         if adapter is not None:
             if adapter.in_dim != width:
                 raise ConfigError(f"the adapter takes {adapter.in_dim}-wide tokens but the backbone returns "
@@ -39,10 +39,12 @@ class BuiltModel(nn.Module):
         if neck is not None and neck.feat_dim != width:
             raise ConfigError(f"the neck is {neck.feat_dim} wide but the tokens reaching it are {width} wide; "
                               f"build MultiScaleSlidingWindow(feat_dim={width}, ...)")
-        self.backbone = backbone
+        # Any, not nn.Module: which backbone depends on the registered name, and the family's loader
+        # (load_vit_weights(model.backbone, path)) and its attributes (grid_size, img_size) must type-check
+        self.backbone: Any = backbone
         self.adapter = adapter
         self.neck = neck
-        self.token_dim = width
+        self.token_dim: int = width
         self.model_name: Optional[str] = None
         self.load_report: Optional[LoadReport] = None
 

@@ -61,7 +61,8 @@ class ModelSpec:
     """
 
     backbone: type[nn.Module]
-    loader: Callable[[nn.Module, str], LoadReport]
+    # Any: each loader takes its own model class (load_vit_weights a VitTrans, a user's loader theirs)
+    loader: Callable[[Any, str | os.PathLike], LoadReport]
     backbone_args: Mapping[str, Any] = field(default_factory=dict)
     neck_mode: Optional[str] = None
     adapt_dim: Optional[int] = None
@@ -76,7 +77,7 @@ _REGISTRY: dict[str, ModelSpec] = {}
 _ORIGIN: dict[str, tuple[str, str]] = {}
 
 
-def _params(cls: type, exclude: tuple[str, ...] = ()) -> list[str]:
+def _params(cls: Any, exclude: tuple[str, ...] = ()) -> list[str]:
     return [n for n, p in inspect.signature(cls.__init__).parameters.items()
             if n != "self" and n not in exclude and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
@@ -195,8 +196,8 @@ def build(name: str, pretrained: str | os.PathLike | None = None,
     """
     spec = get_spec(name)
     routed = _route(name, spec, overrides)
-    backbone = spec.backbone(**{**spec.backbone_args, **routed["backbone"]})
-    width = backbone.out_dim
+    backbone: Any = spec.backbone(**{**spec.backbone_args, **routed["backbone"]})
+    width: int = backbone.out_dim
     adapter = None
     if spec.adapt_dim is not None:
         adapter_args = {ADAPTER_ARGS[k]: v for k, v in routed["adapter"].items()}
@@ -206,7 +207,7 @@ def build(name: str, pretrained: str | os.PathLike | None = None,
     if spec.neck_mode is not None:
         neck = MultiScaleSlidingWindow(width, **{"mode": spec.neck_mode, **routed["neck"]})
     if spec.model is not None:
-        model = spec.model(backbone, neck=neck, **routed["model"])
+        model: Any = spec.model(backbone, neck=neck, **routed["model"])
         model.model_name = name
         if pretrained is not None:
             model.load_report = spec.loader(model, pretrained)
@@ -225,6 +226,8 @@ def build(name: str, pretrained: str | os.PathLike | None = None,
 def _load_head(head: BNNeckHead, spec: ModelSpec, report: LoadReport) -> None:
     """Fill ``head`` from the trained BNNeck the backbone loader left aside, when it fits exactly."""
     prefix = spec.head_prefix
+    if prefix is None:  # build() calls this only for specs with a head prefix
+        return
     ignored_keys = [entry.split(" ", 1)[0] for entry in report.ignored]
     if not any(k.startswith(prefix) for k in ignored_keys):
         return
@@ -243,19 +246,19 @@ def _load_head(head: BNNeckHead, spec: ModelSpec, report: LoadReport) -> None:
     # every tensor is checked (dtype kind, finite) before the first one is copied: all of the head or none
     checked = cast_like({prefix + k: v for k, v in state.items()}, {prefix + k: v for k, v in target.items()},
                         report.path, report.kind)
-    weight = tensors.get(spec.classifier_key) if spec.classifier_key else None
-    use_classifier = (head.classifier is not None and weight is not None
-                      and weight.shape == head.classifier.weight.shape)
-    if use_classifier:
-        weight = cast_like({spec.classifier_key: weight}, {spec.classifier_key: head.classifier.weight},
-                           report.path, report.kind)[spec.classifier_key]
+    key, classifier = spec.classifier_key, head.classifier
+    weight = tensors.get(key) if key else None
+    trained: Optional[tuple[nn.Linear, str, torch.Tensor]] = None  # the classifier, its key, its weight
+    if classifier is not None and key and weight is not None and weight.shape == classifier.weight.shape:
+        trained = (classifier, key, cast_like({key: weight}, {key: classifier.weight}, report.path, report.kind)[key])
     head.bottleneck.load_state_dict({k: checked[prefix + k] for k in target})
     used = [prefix + k for k in target if prefix + k in tensors]
     loaded = [f"head.bottleneck.{k}" for k in target if prefix + k in tensors]
-    if use_classifier:
+    if trained is not None:
+        linear, key, weight = trained
         with torch.no_grad():
-            head.classifier.weight.copy_(weight)
-        used.append(spec.classifier_key)
+            linear.weight.copy_(weight)
+        used.append(key)
         loaded.append("head.classifier.weight")
     report.loaded += loaded
     report.ignored = [entry for entry, key in zip(report.ignored, ignored_keys) if key not in used]

@@ -215,11 +215,12 @@ def check_backbone(module: nn.Module, batch_size: int = 2, seed: int = 0, rtol: 
     if img_size is None or grid is None:
         raise _fail(owner, f"img_size and grid_size must be pairs of ints, got {module.img_size!r} and "
                            f"{module.grid_size!r}")
-    if hasattr(module, "patch_size") and hasattr(module, "stride_size"):
-        want = grid_size(img_size, module.patch_size, module.stride_size)
+    patch, stride = getattr(module, "patch_size", None), getattr(module, "stride_size", None)
+    if patch is not None and stride is not None:
+        want = grid_size(img_size, patch, stride)
         if grid != want:
-            raise _fail(owner, f"grid_size is {grid} but img_size {img_size}, patch_size {module.patch_size} "
-                               f"and stride_size {module.stride_size} give {want} "
+            raise _fail(owner, f"grid_size is {grid} but img_size {img_size}, patch_size {patch} "
+                               f"and stride_size {stride} give {want} "
                                f"((img - patch) // stride + 1)")
     in_chans = int(getattr(module, "in_chans", 3))
     camera_num, view_num = int(getattr(module, "camera_num", 0)), int(getattr(module, "view_num", 0))
