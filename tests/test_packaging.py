@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,23 @@ def test_the_typed_usage_script_runs():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "every documented call ran" in proc.stdout
+
+
+def test_notebooks_are_committed_run_without_errors():
+    """CI runs them (examples/run_notebooks.py); what is committed must show a clean top-to-bottom run."""
+    import nbformat
+
+    spec = importlib.util.spec_from_file_location("run_notebooks", ROOT / "examples" / "run_notebooks.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    names = {p.name for p in runner.notebooks()}
+    assert {"quickstart.ipynb", "neck_width.ipynb", "training.ipynb"} <= names
+    for path in runner.notebooks():
+        nb = nbformat.read(path, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), f"{path.name}: not run in order"
+        errors = [o for c in code for o in c.outputs if o.output_type == "error"]
+        assert not errors, f"{path.name}: {errors[0].ename}: {errors[0].evalue}"
+        assert any(o.output_type in ("display_data", "execute_result") and "image/png" in o.data
+                   for c in code for o in c.outputs), f"{path.name} shows no figure"
+        assert nb.metadata.kernelspec.name == "python3"
