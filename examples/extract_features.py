@@ -27,7 +27,7 @@ import reid_ms
 from reid_ms.data import JUNK_PID, ReidImageFolder, eval_transform
 from reid_ms.registry import get_spec
 
-SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"
+SAMPLE_DATA = reid_ms.sample_data().root
 # models fed one image folder; multi-modal ones need a folder per modality (rgb, nir, tir)
 MODELS = [name for name in reid_ms.list_models() if get_spec(name).model is not reid_ms.MultiModalReIDModel]
 TINY = {"vit": dict(embed_dim=64, depth=2, num_heads=4), "clip": dict(width=64, layers=2, heads=4, output_dim=32)}

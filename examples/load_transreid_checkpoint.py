@@ -26,7 +26,7 @@ from torch import nn
 import reid_ms
 from reid_ms.data import ReidImageFolder, eval_transform
 
-SAMPLE_QUERY = Path(__file__).resolve().parent / "sample_data" / "query"
+SAMPLE_QUERY = reid_ms.sample_data().query
 TINY = dict(embed_dim=64, depth=2, num_heads=4)
 TRANSREID_FC_CLASSES = 1000   # the ViT's own classifier TransReID builds and never uses
 

@@ -1,6 +1,6 @@
-"""Write the small synthetic re-ID set in ``examples/sample_data`` (Market-1501 naming, 128x64 JPEGs).
+"""Write the small synthetic re-ID set that ships in the package (Market-1501 naming, 128x64 JPEGs).
 
-    python examples/make_sample_data.py                 # rewrites examples/sample_data/{query,gallery}
+    python examples/make_sample_data.py                 # rewrites src/reid_ms/sample_set/{query,gallery}
     python examples/make_sample_data.py --out /tmp/sd   # somewhere else
     python examples/make_sample_data.py --market --train-people 60 --people 40 --out /tmp/synth
 
@@ -121,7 +121,8 @@ def make_market_data(out: Path, seed: int = 0, people: int = 40, train_people: i
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "sample_data")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parents[1] / "src" / "reid_ms" / "sample_set")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--market", action="store_true",
                         help="a training set too, in Market-1501's layout (bounding_box_train, query, bounding_box_test)")

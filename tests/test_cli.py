@@ -22,7 +22,7 @@ from reid_ms.data import parse_market_name
 from reid_ms.errors import InputError
 from reid_ms.registry import get_spec
 
-SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample_data"
+SAMPLE = reid_ms.sample_data().root
 
 # Tiny ViT + dense neck at the sample images' own size (128x64), so the resize is the identity and the
 # test can feed the model the decoded pixels itself.

@@ -18,7 +18,7 @@ from reid_ms.cli import main as reid_ms_main
 from reid_ms.registry import get_spec
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SAMPLE = EXAMPLES / "sample_data"
+SAMPLE = reid_ms.sample_data().root
 TESTED = {"quickstart.py", "extract_features.py", "load_transreid_checkpoint.py", "clip_multiscale.py",
           "make_sample_data.py"}
 

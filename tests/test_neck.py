@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import reid_ms
 from reid_ms import ConfigError, DimAdapter, InputError, MultiScaleSlidingWindow
+from reid_ms import testing as rt
 
 
 def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -39,19 +40,17 @@ def definition(neck: MultiScaleSlidingWindow, tokens: torch.Tensor, grid: tuple[
     return torch.cat([cls[:, None], tokens[:, 1:]], dim=1)
 
 
-scale_sets = st.lists(st.integers(1, 20), min_size=1, max_size=3, unique=True)
-
-
 @settings(derandomize=True, deadline=None, max_examples=60)
-@given(width=st.integers(1, 12), h=st.integers(1, 32), w=st.integers(1, 32), scales=scale_sets,
+@given(width=rt.widths(1, 12), grid=rt.grids(max_side=32), scales=rt.scale_sets(max_scale=20),
        mode=st.sampled_from(["dense", "light"]), batch=st.integers(1, 3))
-@example(width=8, h=16, w=8, scales=[4, 8], mode="dense", batch=2)  # divisible
-@example(width=8, h=16, w=8, scales=[4, 8], mode="light", batch=2)
-@example(width=8, h=16, w=8, scales=[16], mode="dense", batch=2)  # padded to 16 x 16: one window
-@example(width=6, h=21, w=10, scales=[4, 8, 16], mode="dense", batch=2)  # stride-12 grid, all padded
-@example(width=6, h=21, w=10, scales=[4, 8, 16], mode="light", batch=2)
-@example(width=5, h=1, w=1, scales=[3], mode="dense", batch=1)  # window larger than the whole grid
-def test_neck_properties(width, h, w, scales, mode, batch):
+@example(width=8, grid=(16, 8), scales=(4, 8), mode="dense", batch=2)  # divisible
+@example(width=8, grid=(16, 8), scales=(4, 8), mode="light", batch=2)
+@example(width=8, grid=(16, 8), scales=(16,), mode="dense", batch=2)  # padded to 16 x 16: one window
+@example(width=6, grid=(21, 10), scales=(4, 8, 16), mode="dense", batch=2)  # stride-12 grid, all padded
+@example(width=6, grid=(21, 10), scales=(4, 8, 16), mode="light", batch=2)
+@example(width=5, grid=(1, 1), scales=(3,), mode="dense", batch=1)  # window larger than the whole grid
+def test_neck_properties(width, grid, scales, mode, batch):
+    h, w = grid
     neck = randomize(MultiScaleSlidingWindow(width, scales, mode=mode).double(), seed=h * 100 + w)
     gen = torch.Generator().manual_seed(width + 7 * len(scales))
     tokens = torch.randn(batch, 1 + h * w, width, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -65,6 +64,12 @@ def test_neck_properties(width, h, w, scales, mode, batch):
     probe = torch.randn(batch, width, dtype=torch.float64, generator=gen)
     (grad,) = torch.autograd.grad((out[:, 0] * probe).sum(), tokens)
     assert (grad[:, 1:].abs().sum(-1) > 0).all()
+
+
+@settings(derandomize=True, deadline=None, max_examples=10)
+@given(width=rt.widths(1, 16), scales=rt.scale_sets(max_scale=20), mode=st.sampled_from(["dense", "light"]))
+def test_neck_contract(width, scales, mode):
+    rt.check_neck(MultiScaleSlidingWindow(width, scales, mode=mode))
 
 
 @pytest.mark.parametrize("h, w, s", [(3, 3, 2), (21, 10, 4), (16, 8, 16), (5, 7, 1)])

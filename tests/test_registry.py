@@ -7,7 +7,7 @@ import torch
 
 import reid_ms
 from reid_ms import CheckpointError, ConfigError, ModelSpec, build, list_models, register
-from reid_ms.registry import _REGISTRY
+from reid_ms.registry import _ORIGIN, _REGISTRY
 
 TINY_VIT = dict(img_size=(64, 32), embed_dim=32, depth=1, num_heads=4)
 TINY_CLIP = dict(img_size=(64, 32), width=32, layers=1, heads=4, output_dim=24)
@@ -81,6 +81,7 @@ def scratch_name():
     name = "test_vit_tiny_light"
     yield name
     _REGISTRY.pop(name, None)
+    _ORIGIN.pop(name, None)
 
 
 def test_register_a_model(scratch_name, tiny):
@@ -95,6 +96,30 @@ def test_register_a_model(scratch_name, tiny):
     assert model.eval()(torch.randn(2, 3, 64, 32)).shape == (2, 16)
     with pytest.raises(ConfigError, match="already registered"):
         register(scratch_name)(tiny_light)
+
+
+def test_registering_again(scratch_name):
+    def define(embed_dim):  # the same definition run twice, as a re-run notebook cell does
+        @register(scratch_name)
+        def tiny() -> ModelSpec:
+            return ModelSpec(reid_ms.VitTrans, reid_ms.load_vit_weights, dict(TINY_VIT, embed_dim=embed_dim))
+        return tiny
+
+    define(16)
+    define(24)
+    assert build(scratch_name).feat_dim == 24
+
+    def other() -> ModelSpec:
+        return ModelSpec(reid_ms.VitTrans, reid_ms.load_vit_weights, dict(TINY_VIT, embed_dim=8))
+
+    with pytest.raises(ConfigError, match=r"already registered \(by test_registry.test_registering_again.<locals>"
+                                          r".define.<locals>.tiny\).*override=True"):
+        register(scratch_name)(other)
+    assert build(scratch_name).feat_dim == 24
+    register(scratch_name, override=True)(other)
+    assert build(scratch_name).feat_dim == 8
+    with pytest.raises(ConfigError, match="already registered"):  # a library's own name is not replaced by accident
+        register("vit_b16")(other)
 
 
 def test_register_refuses_what_is_not_a_spec():

@@ -14,6 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import reid_ms
 from reid_ms import ConfigError, InputError, VitTrans
+from reid_ms import testing as rt
 from _helpers_vit import bilinear_grid, timm_vit, transreid_forward
 
 
@@ -38,13 +39,15 @@ def test_shapes_for_reid_sizes(img_size, stride, grid):
     assert torch.isfinite(tokens).all()
 
 
-@settings(derandomize=True, deadline=None, max_examples=15)
-@given(h=st.integers(16, 80), w=st.integers(16, 80), patch=st.sampled_from([8, 16]), stride=st.integers(4, 16))
-def test_grid_matches_the_convolution(h, w, patch, stride):
-    model = VitTrans(img_size=(h, w), patch_size=patch, stride_size=stride, embed_dim=8, depth=1, num_heads=2)
+@settings(derandomize=True, deadline=None, max_examples=6)
+@given(geo=rt.geometries(max_side=80, patch_sizes=(8, 16), max_tokens=65), table=rt.label_tables(3, 2))
+def test_grid_matches_the_convolution(geo, table):
+    (h, w), patch, stride = geo
+    model = VitTrans(img_size=(h, w), patch_size=patch, stride_size=stride, embed_dim=8, depth=1, num_heads=2,
+                     camera_num=table[0], view_num=table[1])
     conv_out = model.patch_embed.proj(torch.zeros(1, 3, h, w)).shape[-2:]
     assert model.grid_size == tuple(conv_out) == ((h - patch) // stride + 1, (w - patch) // stride + 1)
-    assert model(torch.randn(1, 3, h, w)).shape[1] == 1 + conv_out[0] * conv_out[1]
+    rt.check_backbone(model)
 
 
 def test_tokens_are_row_major():

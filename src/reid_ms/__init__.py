@@ -55,6 +55,8 @@ _LAZY = {
     "PathChoice": "reid_ms.dispatch",
     "optimize_for_inference": "reid_ms.inference",
     "InferenceModel": "reid_ms.inference",
+    "sample_data": "reid_ms.samples",
+    "SampleData": "reid_ms.samples",
 }
 
 if typing.TYPE_CHECKING:  # what type checkers and editors see; _LAZY must name the same modules (tested)
@@ -73,6 +75,7 @@ if typing.TYPE_CHECKING:  # what type checkers and editors see; _LAZY must name 
     from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow
     from reid_ms.necks.jpm import JigsawPatchNeck
     from reid_ms.registry import ModelSpec, build, list_models, register
+    from reid_ms.samples import SampleData, sample_data
     from reid_ms.weights._common import LoadReport
     from reid_ms.weights.clip import load_clip_weights
     from reid_ms.weights.jpm import load_jpm_weights
@@ -116,4 +119,6 @@ __all__ = [
     "explain_path", "PathChoice", "optimize_for_inference", "InferenceModel",
     # CLIP-ReID's text side
     "ClipText", "PromptLearner",
+    # the sample set shipped with the package
+    "sample_data", "SampleData",
 ]

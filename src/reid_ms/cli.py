@@ -295,13 +295,13 @@ def _settings(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
 
 # -- feature extraction ---------------------------------------------------------------------------
 
-def _camera_labels(model: nn.Module, camids: torch.Tensor) -> Optional[torch.Tensor]:
+def _camera_labels(model: Any, camids: torch.Tensor) -> Optional[torch.Tensor]:
     # Only models built with a camera table take camera labels; the others would reject them.
     return camids if model.backbone.camera_num > 0 else None
 
 
 def extract_features(
-    model: nn.Module, dataset: ReidImageFolder, batch_size: int, device: str, workers: int = 0,
+    model: Any, dataset: ReidImageFolder, batch_size: int, device: str, workers: int = 0,
     desc: str = "extract", on_batch: Optional[Callable[[np.ndarray, np.ndarray], None]] = None,
     progress: bool = True,
 ) -> np.ndarray:
@@ -313,7 +313,7 @@ def extract_features(
     import numpy as np
     import torch
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     out = np.empty((len(dataset), model.feat_dim), dtype=np.float32)
@@ -330,7 +330,7 @@ def extract_features(
     return out
 
 
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+def _save_npz(path: Path, **arrays: Any) -> None:
     """Write ``arrays`` to ``path`` atomically: a reader sees the old file or the new one, never half."""
     import numpy as np
 

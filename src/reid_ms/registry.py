@@ -61,7 +61,8 @@ class ModelSpec:
     """
 
     backbone: type[nn.Module]
-    loader: Callable[[nn.Module, str], LoadReport]
+    # Any: each loader takes its own model class (load_vit_weights a VitTrans, a user's loader theirs)
+    loader: Callable[[Any, str | os.PathLike], LoadReport]
     backbone_args: Mapping[str, Any] = field(default_factory=dict)
     neck_mode: Optional[str] = None
     adapt_dim: Optional[int] = None
@@ -71,9 +72,12 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
+# (module, qualified name) of the function each name was registered from: a definition run again (a
+# notebook cell, importlib.reload) replaces its own entry, a different function needs override=True
+_ORIGIN: dict[str, tuple[str, str]] = {}
 
 
-def _params(cls: type, exclude: tuple[str, ...] = ()) -> list[str]:
+def _params(cls: Any, exclude: tuple[str, ...] = ()) -> list[str]:
     return [n for n, p in inspect.signature(cls.__init__).parameters.items()
             if n != "self" and n not in exclude and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
@@ -92,7 +96,7 @@ def _part_args(spec: ModelSpec) -> dict[str, list[str]]:
     return parts
 
 
-def register(name: str) -> Callable[[Callable[[], ModelSpec]], Callable[[], ModelSpec]]:
+def register(name: str, override: bool = False) -> Callable[[Callable[[], ModelSpec]], Callable[[], ModelSpec]]:
     """Register the :class:`ModelSpec` returned by the decorated function under ``name``.
 
     ::
@@ -100,11 +104,18 @@ def register(name: str) -> Callable[[Callable[[], ModelSpec]], Callable[[], Mode
         @register("vit_s16_ms_light")
         def vit_s16_ms_light() -> ModelSpec:
             return ModelSpec(VitTrans, load_vit_weights, dict(embed_dim=384, num_heads=6), neck_mode="light")
+
+    Registering a name again from the same definition (same module and function name: a notebook cell
+    run twice, a reloaded module) replaces the entry. A different function under a taken name is a
+    :class:`ConfigError` unless ``override=True``, so two libraries cannot silently shadow each other.
     """
 
     def decorator(fn: Callable[[], ModelSpec]) -> Callable[[], ModelSpec]:
-        if name in _REGISTRY:
-            raise ConfigError(f"a model named {name!r} is already registered; choose another name")
+        origin = (getattr(fn, "__module__", None) or "", getattr(fn, "__qualname__", None) or repr(fn))
+        if name in _REGISTRY and not override and _ORIGIN.get(name) != origin:
+            where = ".".join(_ORIGIN.get(name, ("", "?"))).lstrip(".")
+            raise ConfigError(f"a model named {name!r} is already registered (by {where}); choose another name, "
+                              f"or pass register({name!r}, override=True) to replace it")
         spec = fn()
         if not isinstance(spec, ModelSpec):
             raise ConfigError(f"@register({name!r}) expects a function returning a ModelSpec, "
@@ -121,6 +132,7 @@ def register(name: str) -> Callable[[Callable[[], ModelSpec]], Callable[[], Mode
                                       f"build() could not tell where an override goes")
                 seen[n] = part
         _REGISTRY[name] = spec
+        _ORIGIN[name] = origin
         return fn
 
     return decorator
@@ -187,8 +199,8 @@ def build(name: str, pretrained: str | os.PathLike | None = None,
         raise ConfigError(f"build({name!r}, pretrained={pretrained!r}): pretrained takes the path of a local "
                           f"checkpoint file (reid_ms downloads nothing), or None for random initialisation")
     routed = _route(name, spec, overrides)
-    backbone = spec.backbone(**{**spec.backbone_args, **routed["backbone"]})
-    width = backbone.out_dim
+    backbone: Any = spec.backbone(**{**spec.backbone_args, **routed["backbone"]})
+    width: int = backbone.out_dim
     adapter = None
     if spec.adapt_dim is not None:
         adapter_args = {ADAPTER_ARGS[k]: v for k, v in routed["adapter"].items()}

@@ -80,7 +80,7 @@ class BuiltModel(nn.Module):
             if not hasattr(backbone, attr):
                 raise ConfigError(f"{type(self).__name__} needs a backbone with a {attr!r} attribute (like "
                                   f"reid_ms.VitTrans and reid_ms.ClipVisual); {type(backbone).__name__} has none")
-        width = backbone.out_dim
+        width: int = getattr(backbone, "out_dim")  # checked above; a Module attribute types as Tensor | Module
         if adapter is not None:
             if adapter.in_dim != width:
                 raise ConfigError(f"the adapter takes {adapter.in_dim}-wide tokens but the backbone returns "
@@ -89,8 +89,11 @@ class BuiltModel(nn.Module):
         if neck is not None and neck.feat_dim != width:
             raise ConfigError(f"the neck is {neck.feat_dim} wide but the tokens reaching it are {width} wide; "
                               f"build MultiScaleSlidingWindow(feat_dim={width}, ...)")
-        self.backbone, self.adapter, self.neck = backbone, adapter, neck
-        self.token_dim = width
+        # Any, not nn.Module: which backbone depends on the registered name, and the family's loader
+        # (load_vit_weights(model.backbone, path)) and its attributes (grid_size, img_size) must type-check
+        self.backbone: Any = backbone
+        self.adapter, self.neck = adapter, neck
+        self.token_dim: int = width
         self.model_name: Optional[str] = None
         self.load_report: Optional[LoadReport] = None
 

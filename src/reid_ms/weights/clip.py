@@ -61,7 +61,7 @@ def _check_architecture(state: dict[str, torch.Tensor], model: ClipVisual, path:
     conv, proj = state.get("conv1.weight"), state.get("proj")
     blocks = {int(m.group(1)) for k in state if (m := _BLOCK_INDEX.match(k))}
     layers = max(blocks) + 1 if blocks else 0
-    found = {}
+    found: dict[str, Any] = {}
     if conv is not None and conv.dim() == 4:
         found.update(width=conv.shape[0], in_chans=conv.shape[1], patch_size=tuple(conv.shape[2:]))
     if proj is not None and proj.dim() == 2:
