@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from _helpers_dist import free_port, join_gloo, spawn
+from _helpers_dist import join_gloo, spawn
 
 import reid_ms
 from reid_ms.cli import main
@@ -289,7 +289,7 @@ def _ddp_worker(rank: int, world: int, port: int, market: str, out: str) -> None
     dist.destroy_process_group()
 
 
-def test_ddp_two_processes_train_one_model(market, tmp_path):
+def test_ddp_two_processes_train_one_model(market, tmp_path, free_port):
     spawn(_ddp_worker, (2, free_port(), str(market), str(tmp_path)), nprocs=2, timeout=120)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert [r["synced"] for r in ranks] == ["SyncBatchNorm", "SyncBatchNorm"]
