@@ -383,7 +383,8 @@ def _one_error_line(capsys, *argv) -> str:
 
 def test_extract_out_under_a_file(tmp_path, capsys, no_model):
     (tmp_path / "file").write_text("not a folder")
-    line = _one_error_line(capsys, "extract", *TINY_ARGS, "--images", SAMPLE / "query", "--out", tmp_path / "file/q.npz")
+    line = _one_error_line(capsys, "extract", *TINY_ARGS, "--images", SAMPLE / "query",
+                           "--out", tmp_path / "file" / "q.npz")
     assert f"lies under '{tmp_path / 'file'}', which is a file" in line
 
 
@@ -416,6 +417,7 @@ def test_resume_from_settings_that_are_not_json(extracted, tmp_path, capsys, no_
     (lambda d: dict(feats=d["feats"].astype(np.int64)), "feats is int64 (7, 64), not [N, D] float"),
     (lambda d: dict(pids=d["pids"].astype(np.float32)), "pids holds float32, not integers"),
     (lambda d: dict(settings=np.array("[1, 2]")), "its settings record is list, not a JSON object"),
+    (lambda d: dict(settings=np.array("null")), "its settings record is NoneType, not a JSON object"),
     (lambda d: dict(num_images=np.array([7, 7])), "num_images has shape (2,), not a single count"),
 ])
 def test_eval_refuses_damaged_feature_files(extracted, tmp_path, capsys, change, message):

@@ -371,7 +371,8 @@ def _read_features(path: Path) -> dict[str, Any]:
             raise
         raise InputError(f"cannot read features file {where}: {exc}") from exc
     feats, rows = arrays["feats"], len(arrays["feats"]) if arrays["feats"].ndim else 0
-    problems = [] if feats.ndim == 2 and feats.dtype.kind == "f" else [f"feats is {feats.dtype} {feats.shape}, not [N, D] float"]
+    problems = [] if feats.ndim == 2 and feats.dtype.kind == "f" else [
+        f"feats is {feats.dtype} {feats.shape}, not [N, D] float"]
     problems += [f"{k} has shape {arrays[k].shape} for {rows} rows of feats" for k in ("pids", "camids", "paths")
                  if arrays[k].shape != (rows,)]
     problems += [f"{k} holds {arrays[k].dtype}, not integers" for k in ("pids", "camids", "num_images")
@@ -379,9 +380,10 @@ def _read_features(path: Path) -> dict[str, Any]:
     try:
         settings = json.loads(str(arrays["settings"]))
     except ValueError as exc:
-        settings, problems = None, [*problems, f"its settings record is not JSON ({exc})"]
-    if settings is not None and not isinstance(settings, dict):
-        problems.append(f"its settings record is {type(settings).__name__}, not a JSON object")
+        problems.append(f"its settings record is not JSON ({exc})")
+    else:
+        if not isinstance(settings, dict):
+            problems.append(f"its settings record is {type(settings).__name__}, not a JSON object")
     if arrays["num_images"].shape != ():
         problems.append(f"num_images has shape {arrays['num_images'].shape}, not a single count")
     if problems:
