@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from reid_ms import ClipVisual, ConfigError, VitTrans
+
 KINDS = ["vit", "clip"]
 
 
@@ -47,3 +49,13 @@ def test_compile_fullgraph_without_graph_breaks(kind, tiny):
 @pytest.mark.parametrize("kind", KINDS)
 def test_compile_fullgraph_inductor(kind, tiny):
     _check_compiled(kind, tiny, "inductor")
+
+
+@pytest.mark.parametrize("cls, sizes", [(VitTrans, dict(embed_dim=32, depth=1, num_heads=4)),
+                                        (ClipVisual, dict(width=32, layers=1, heads=4, output_dim=16))])
+@pytest.mark.parametrize("bad", [dict(sie_coef="abc"), dict(sie_coef=float("nan")), dict(sie_coef=True),
+                                 dict(mlp_ratio="abc"), dict(mlp_ratio=float("inf")), dict(mlp_ratio=0.0)])
+def test_non_numbers_are_refused_when_built_not_at_the_first_forward(cls, sizes, bad):
+    name = next(iter(bad))
+    with pytest.raises(ConfigError, match=f"{cls.__name__}: {name} must be"):
+        cls(img_size=(64, 32), **sizes, **bad)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from reid_ms.errors import ConfigError
 
 
@@ -11,3 +13,14 @@ def positive_int(value: object, name: str, *, minimum: int = 1, owner: str = "")
         what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise ConfigError(f"{owner + ': ' if owner else ''}{name} must be {what}, got {value!r}")
     return value
+
+
+def real_number(value: object, name: str, *, low: float = -math.inf, high: float = math.inf,
+                high_open: bool = False, owner: str = "") -> float:
+    """``value`` as a float if it is a finite real number (not a bool) in ``[low, high]`` (``[low, high)``
+    with ``high_open``), else a :class:`ConfigError` (prefixed by ``owner``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low <= value and (value < high if high_open else value <= high):
+        return float(value)
+    where = f" in [{low:g}, {high:g}{')' if high_open else ']'}" if (low, high) != (-math.inf, math.inf) else ""
+    raise ConfigError(f"{owner + ': ' if owner else ''}{name} must be a finite number{where}, got {value!r}")

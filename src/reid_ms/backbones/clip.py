@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from timm.layers import QuickGELU, trunc_normal_
 from torch import nn
 
+from reid_ms._validate import positive_int, real_number
 from reid_ms.backbones._common import BlockBackbone, Label, check_images, grid_size, pair, side_info_index, side_info_rows
 from reid_ms.errors import ConfigError
 from reid_ms.kernels.attention import self_attention
@@ -124,12 +125,11 @@ class ClipVisual(BlockBackbone):
         super().__init__()
         for name, value in (("width", width), ("layers", layers), ("heads", heads), ("output_dim", output_dim),
                             ("in_chans", in_chans)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"ClipVisual: {name} must be a positive int, got {value!r}")
+            positive_int(value, name, owner="ClipVisual")
         if width % heads:
             raise ConfigError(f"ClipVisual: width {width} is not divisible by heads {heads}; choose heads that "
                               f"divide the width (CLIP ViT-B/16: width=768, heads=12)")
-        if mlp_ratio <= 0:
+        if real_number(mlp_ratio, "mlp_ratio", owner="ClipVisual") <= 0:
             raise ConfigError(f"ClipVisual: mlp_ratio must be positive, got {mlp_ratio}")
         self.img_size = pair(img_size, "img_size")
         self.patch_size = pair(patch_size, "patch_size")
@@ -143,7 +143,7 @@ class ClipVisual(BlockBackbone):
         self.output_dim = self.out_dim = output_dim
         self.camera_num = camera_num
         self.view_num = view_num
-        self.sie_coef = sie_coef
+        self.sie_coef = real_number(sie_coef, "sie_coef", owner="ClipVisual")
         rows = side_info_rows(camera_num, view_num)
 
         self.conv1 = nn.Conv2d(in_chans, width, kernel_size=self.patch_size, stride=self.stride_size, bias=False)

@@ -17,6 +17,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from reid_ms._validate import positive_int, real_number
 from reid_ms.backbones._common import BlockBackbone, Label, check_images, grid_size, pair, side_info_index, side_info_rows
 from reid_ms.errors import ConfigError
 from reid_ms.kernels.attention import self_attention
@@ -98,22 +99,20 @@ class VitTrans(BlockBackbone):
         self.stride_size = pair(stride_size, "stride_size")
         for name, value in (("in_chans", in_chans), ("embed_dim", embed_dim), ("depth", depth),
                             ("num_heads", num_heads)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"VitTrans: {name} must be a positive int, got {value!r}")
+            positive_int(value, name, owner="VitTrans")
         if embed_dim % num_heads:
             raise ConfigError(f"VitTrans: embed_dim={embed_dim} is not divisible by num_heads={num_heads}; "
                               f"pick a head count that divides the width (ViT-B: 768 and 12)")
-        if not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
+        if real_number(mlp_ratio, "mlp_ratio", owner="VitTrans") <= 0:
             raise ConfigError(f"VitTrans: mlp_ratio must be positive, got {mlp_ratio!r}")
         for name, value in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
                             ("drop_path_rate", drop_path_rate)):
-            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ConfigError(f"VitTrans: {name} must lie in [0, 1), got {value!r}")
+            real_number(value, name, low=0.0, high=1.0, high_open=True, owner="VitTrans")
         rows = side_info_rows(camera_num, view_num)
         self.in_chans = in_chans
         self.embed_dim = self.out_dim = embed_dim
         self.camera_num, self.view_num = camera_num, view_num
-        self.sie_coef = float(sie_coef)
+        self.sie_coef = real_number(sie_coef, "sie_coef", owner="VitTrans")
 
         self.patch_embed = OverlapPatchEmbed(self.img_size, self.patch_size, self.stride_size, in_chans, embed_dim)
         self.grid_size = self.patch_embed.grid_size
