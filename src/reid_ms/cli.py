@@ -37,12 +37,13 @@ from tqdm import tqdm
 
 import reid_ms
 from reid_ms.data import (
-    JUNK_PID, REID_MEAN, REID_STD, ReidImageFolder, eval_transform, list_images, parse_market_name,
+    JUNK_PID, ReidImageFolder, list_images, parse_market_name,
 )
 from reid_ms.errors import CheckpointNotFoundError, ConfigError, InputError, ReidMsError
 from reid_ms.export import call_args, example_inputs, export_onnx, onnx_max_error
 from reid_ms.flops import count_flops
 from reid_ms.metrics import METRICS, evaluate
+from reid_ms.preprocess import image_transform, model_input_config
 from reid_ms.registry import get_spec
 
 _logger = logging.getLogger("reid_ms.cli")
@@ -127,9 +128,18 @@ def _settings(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
         "weights_sha256": None if weights is None else _sha256(weights),
         "seed": args.seed,                           # parts a checkpoint lacks keep their seeded init
         "img_size": list(model.backbone.img_size),
-        "mean": list(args.mean),
-        "std": list(args.std),
+        "mean": list(_input_config(args, model)["mean"]),
+        "std": list(_input_config(args, model)["std"]),
     }
+
+
+def _input_config(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
+    """The model's own input config (``model.pretrained_cfg``), with ``--mean`` / ``--std`` when given."""
+    cfg = model_input_config(model)
+    for key in ("mean", "std"):
+        if getattr(args, key) is not None:
+            cfg[key] = tuple(getattr(args, key))
+    return cfg
 
 
 # -- feature extraction ---------------------------------------------------------------------------
@@ -151,11 +161,11 @@ def extract_features(
     """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     out = np.empty((len(dataset), model.feat_dim), dtype=np.float32)
-    camids = torch.tensor(dataset.camids, dtype=torch.long)
+    camids = None if dataset.camids is None else torch.tensor(dataset.camids, dtype=torch.long)
     with torch.inference_mode(), tqdm(total=len(dataset), desc=desc, unit="img", leave=False,
                                         disable=not progress) as bar:
         for images, indices in loader:
-            cams = _camera_labels(model, camids[indices].to(device))
+            cams = None if camids is None else _camera_labels(model, camids[indices].to(device))
             feats = model(images.to(device), cam_label=cams).float().cpu().numpy()
             out[indices.numpy()] = feats
             if on_batch is not None:
@@ -185,6 +195,9 @@ def _load_npz(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in keys if k not in data.files]
+            if missing and set(missing) <= {"pids", "camids"} and "feats" in data.files:
+                raise InputError(f"{str(path)!r} has no person and camera ids (its images were not named "
+                                 f"'<pid>_c<camera>...'); evaluation needs them")
             if missing:
                 raise InputError(f"{str(path)!r} lacks {missing}; it was not written by 'reid-ms extract'")
             return {k: data[k] for k in keys}
@@ -202,7 +215,15 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     _check_one_folder_model(args)
     out = Path(args.out)
     files = list_images(args.images)
+    try:
+        ids = [parse_market_name(f) for f in files]
+    except InputError:
+        ids = None                        # any names: features only; 'reid-ms eval' needs Market-1501 names
     model = _build_model(args)
+    if ids is None and model.backbone.camera_num > 0:
+        raise InputError(f"{args.name} has a camera table but the names in {args.images!r} carry no cameras "
+                         f"(Market-1501 '<pid>_c<camera>...'); use Python's reid_ms.FeatureExtractor with "
+                         f"cam_label='mean' or 'none' for crops of unknown cameras")
     settings = _settings(args, model)
     names = [f.name for f in files]
 
@@ -223,13 +244,16 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     def save() -> None:
         kept = [n for n in names if n in done]
         feats = np.stack([done[n] for n in kept]) if kept else np.zeros((0, model.feat_dim), np.float32)
-        ids = [parse_market_name(n) for n in kept]
-        _save_npz(out, feats=feats, pids=np.array([p for p, _ in ids], dtype=np.int64).reshape(-1),
-                  camids=np.array([c for _, c in ids], dtype=np.int64).reshape(-1),
-                  paths=np.array(kept, dtype=np.str_), settings=np.array(json.dumps(settings, sort_keys=True)))
+        arrays = {}
+        if ids is not None:
+            kept_ids = [parse_market_name(n) for n in kept]
+            arrays = dict(pids=np.array([p for p, _ in kept_ids], dtype=np.int64).reshape(-1),
+                          camids=np.array([c for _, c in kept_ids], dtype=np.int64).reshape(-1))
+        _save_npz(out, feats=feats, **arrays, paths=np.array(kept, dtype=np.str_),
+                  settings=np.array(json.dumps(settings, sort_keys=True)))
 
     if todo:
-        dataset = ReidImageFolder(args.images, eval_transform(model.backbone.img_size, args.mean, args.std), todo)
+        dataset = ReidImageFolder(args.images, image_transform(_input_config(args, model)), todo, ids=ids is not None)
         batches = 0
 
         def on_batch(indices: np.ndarray, feats: np.ndarray) -> None:
@@ -262,7 +286,7 @@ def _drop_junk(feats: np.ndarray, pids: np.ndarray, camids: np.ndarray, what: st
 
 
 def _features_from_dir(args: argparse.Namespace, model: nn.Module, folder: str, what: str) -> Features:
-    dataset = ReidImageFolder(folder, eval_transform(model.backbone.img_size, args.mean, args.std))
+    dataset = ReidImageFolder(folder, image_transform(_input_config(args, model)))
     feats = extract_features(model, dataset, args.batch_size, args.device, args.workers, desc=what,
                              progress=not args.quiet)
     return feats, np.array(dataset.pids, dtype=np.int64), np.array(dataset.camids, dtype=np.int64)
@@ -399,10 +423,10 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="a local checkpoint; without it the model is randomly initialised")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="image-loading processes (default 0: in-process)")
-    parser.add_argument("--mean", type=float, nargs=3, default=REID_MEAN, metavar=("R", "G", "B"),
-                        help="normalisation mean (default 0.5 0.5 0.5, as TransReID and CLIP-ReID)")
-    parser.add_argument("--std", type=float, nargs=3, default=REID_STD, metavar=("R", "G", "B"),
-                        help="normalisation std (default 0.5 0.5 0.5)")
+    parser.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"),
+                        help="normalisation mean (default: the model's, model.pretrained_cfg)")
+    parser.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"),
+                        help="normalisation std (default: the model's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -420,11 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(func=_cmd_info, weights=None)
 
-    p = sub.add_parser("extract", parents=[common], help="features of a folder of Market-1501-named images, to .npz")
+    p = sub.add_parser("extract", parents=[common], help="features of a folder of images, to .npz")
     _add_model_options(p)
     _add_data_options(p)
-    p.add_argument("--images", required=True, help="folder of images named <pid>_c<camera>...")
-    p.add_argument("--out", required=True, help=".npz with feats, pids, camids, paths (resumed if it exists)")
+    p.add_argument("--images", required=True, help="folder of images (any names; ids and cameras are read from "
+                   "Market-1501 names <pid>_c<camera>... when all files have them, as 'eval' needs)")
+    p.add_argument("--out", required=True, help=".npz with feats, paths (and pids, camids) (resumed if it exists)")
     p.add_argument("--save-every", type=int, default=20, help="save progress every N batches (default 20)")
     p.add_argument("--overwrite", action="store_true", help="start over even if --out exists")
     p.set_defaults(func=_cmd_extract)

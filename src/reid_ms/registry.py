@@ -28,6 +28,7 @@ from reid_ms.model import ReIDModel
 from reid_ms.models import JPMReIDModel, MultiModalReIDModel
 from reid_ms.models.multimodal import load_multimodal_weights
 from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow
+from reid_ms.preprocess import input_config
 from reid_ms.weights import load_clip_weights, load_vit_weights
 from reid_ms.weights.jpm import load_jpm_weights
 from reid_ms.weights._common import LoadReport, cast_like
@@ -179,8 +180,9 @@ def build(name: str, pretrained: str | os.PathLike | None = None,
 
     Returns:
         A :class:`~reid_ms.ReIDModel` (or the spec's model class: :class:`~reid_ms.JPMReIDModel`,
-        :class:`~reid_ms.MultiModalReIDModel`) with ``model.model_name`` and ``model.load_report``
-        (``None`` without ``pretrained``).
+        :class:`~reid_ms.MultiModalReIDModel`) with ``model.model_name``, ``model.load_report``
+        (``None`` without ``pretrained``) and ``model.pretrained_cfg``, its input configuration
+        (:func:`reid_ms.preprocess.input_config`: size, mean, std, interpolation).
     """
     spec = get_spec(name)
     routed = _route(name, spec, overrides)
@@ -197,12 +199,14 @@ def build(name: str, pretrained: str | os.PathLike | None = None,
     if spec.model is not None:
         model = spec.model(backbone, neck=neck, **routed["model"])
         model.model_name = name
+        model.pretrained_cfg = input_config(model)   # read by timm's resolve_data_config and the extractor
         if pretrained is not None:
             model.load_report = spec.loader(model, pretrained)
         return model
     head = BNNeckHead(width, **routed["head"])
     model = ReIDModel(backbone, neck=neck, head=head, adapter=adapter)
     model.model_name = name
+    model.pretrained_cfg = input_config(model)
     if pretrained is not None:
         report = spec.loader(backbone, pretrained)
         if spec.head_prefix is not None:
