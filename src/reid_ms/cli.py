@@ -42,7 +42,7 @@ from reid_ms.data import (
 from reid_ms.errors import CheckpointNotFoundError, ConfigError, InputError, ReidMsError
 from reid_ms.export import call_args, example_inputs, export_onnx, onnx_max_error
 from reid_ms.flops import count_flops
-from reid_ms.metrics import METRICS, evaluate
+from reid_ms.metrics import METRICS, evaluate, query_expansion, re_ranking
 from reid_ms.preprocess import image_transform, model_input_config
 from reid_ms.registry import get_spec
 
@@ -317,14 +317,41 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         model = _build_model(args)
         sets = [_features_from_dir(args, model, folder, what)
                 for folder, what in ((args.query, "query"), (args.gallery, "gallery"))]
+    if args.show_ranks and not from_dirs:
+        raise ConfigError("--show-ranks draws the images, so it needs --query and --gallery image folders with NAME")
     (qf, q_pids, q_cams), (gf, g_pids, g_cams) = (_drop_junk(*s, what) for s, what in zip(sets, ("query", "gallery")))
-    result = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=args.metric)
+    if args.aqe:
+        if args.metric != "cosine":
+            raise ConfigError("--aqe (average query expansion) works on cosine similarity; drop --metric euclidean")
+        qf = query_expansion(qf, gf, k=args.aqe).numpy()
+    result = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=args.metric, rerank=args.rerank)
+    if args.show_ranks:
+        _show_ranks(args, qf, gf, q_pids, g_pids, q_cams, g_cams)
     print(f"queries {result.num_valid_queries} valid of {len(qf)}, gallery {len(gf)}, metric {args.metric}")
     for k in REPORTED_RANKS:
         print(f"Rank-{k:<3d} {100 * result.rank(k):6.2f}%")
     print(f"mAP      {100 * result.mAP:6.2f}%")
     print(f"mINP     {100 * result.mINP:6.2f}%")
     return 0
+
+
+def _show_ranks(args: argparse.Namespace, qf: np.ndarray, gf: np.ndarray, *labels: np.ndarray) -> None:
+    from reid_ms.visualize import show_ranks
+
+    paths = [[p for p in list_images(folder) if parse_market_name(p)[0] != JUNK_PID]
+             for folder in (args.query, args.gallery)]
+    q, g = torch.from_numpy(qf), torch.from_numpy(gf)
+    if args.rerank:
+        if args.metric == "cosine":
+            q, g = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(g, dim=1)
+        dist = re_ranking(q, g, **reid_ms.metrics.TRANSREID_RERANK)
+    elif args.metric == "cosine":
+        dist = 1.0 - torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(g, dim=1).T
+    else:
+        dist = torch.cdist(q, g)
+    out = Path(args.out or "ranks.png")
+    show_ranks(dist, *paths, *labels, k=args.show_ranks, num_queries=args.num_queries, out=out)
+    print(f"wrote the top-{args.show_ranks} ranked lists of {min(args.num_queries, len(qf))} queries to {out}")
 
 
 # -- list / info ----------------------------------------------------------------------------------
@@ -386,7 +413,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     model = _build_model(args).to("cpu")
-    out = Path(args.out)
+    out = Path(args.out or f"{args.name}.onnx")
     names = export_onnx(model, out, opset=args.opset)
     print(f"wrote {out} (inputs {', '.join(names)}; output features [batch, {model.feat_dim}])")
     try:
@@ -462,13 +489,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", help="query image folder (with NAME)")
     p.add_argument("--gallery", help="gallery image folder (with NAME)")
     p.add_argument("--metric", choices=METRICS, default="cosine")
+    p.add_argument("--rerank", action="store_true",
+                   help="k-reciprocal re-ranking with TransReID's evaluation setting (k1=50, k2=15, lambda=0.3)")
+    p.add_argument("--aqe", type=int, default=0, metavar="K",
+                   help="average query expansion with the K nearest gallery features (cosine; default off)")
+    p.add_argument("--show-ranks", type=int, default=0, metavar="K",
+                   help="draw each query with its top-K gallery crops (green right, red wrong) to --out")
+    p.add_argument("--num-queries", type=int, default=8, help="queries drawn by --show-ranks (default 8)")
+    p.add_argument("--out", help="picture written by --show-ranks (default ranks.png)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("export", parents=[common], help="export a model to ONNX (checked with onnxruntime when installed)")
     _add_model_options(p)
     p.add_argument("--weights", help="a local checkpoint; without it the model is randomly initialised")
     p.add_argument("--format", choices=("onnx",), default="onnx")
-    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--out", help="the .onnx file to write (default NAME.onnx)")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--tolerance", type=float, default=1e-3,
                    help="largest accepted difference between onnxruntime and PyTorch (default 1e-3)")

@@ -77,6 +77,7 @@ def _neighbours(feats: torch.Tensor, k: int, num_q: int) -> tuple[torch.Tensor, 
 def _reciprocal(rank: torch.Tensor, k: int) -> torch.Tensor:
     """``[N, k]`` bool: ``rank[i, a]`` has ``i`` among its own first ``k`` neighbours."""
     n = rank.shape[0]
+    k = min(k, rank.shape[1])
     out = torch.empty(n, k, dtype=torch.bool)
     head = rank[:, :k]
     for start in range(0, n, 4096):
@@ -103,7 +104,7 @@ def _sparse_v(feats: torch.Tensor, rank: torch.Tensor, row_max: torch.Tensor, k1
     for start in range(0, n, block):
         stop = min(start + block, n)
         c = stop - start
-        fwd = rank[start:stop]                                        # [C, A]
+        fwd = rank[start:stop, : k1 + 1]                              # [C, A]
         keep = recip[start:stop]                                      # K(i) as a mask over fwd
         cand = head_half[fwd]                                         # [C, A, B]: R_half of each candidate
         cand_keep = recip_half[fwd]                                   # its reciprocal mask
@@ -127,6 +128,7 @@ def _sparse_v(feats: torch.Tensor, rank: torch.Tensor, row_max: torch.Tensor, k1
 def _query_expand_v(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, rank: torch.Tensor, k2: int,
                     n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``V_qe[i] = mean(V[rank[i, :k2]])`` as COO triplets grouped by row: one sparse product ``A @ V``."""
+    k2 = min(k2, n)
     crow = torch.zeros(n + 1, dtype=torch.long)
     crow[1:] = torch.bincount(rows, minlength=n).cumsum(0)
     with warnings.catch_warnings():
@@ -207,10 +209,8 @@ def re_ranking(qf: ArrayLike, gf: ArrayLike, k1: int = 20, k2: int = 6, lambda_v
         raise InputError(f"re-ranking needs k1 >= 1, k2 >= 1 and lambda_value in [0, 1], got {k1}, {k2}, {lambda_value}")
     feats = torch.cat([q, g]).cpu()
     n, num_q = feats.shape[0], q.shape[0]
-    if k1 + 1 > n or k2 > n:
-        raise InputError(f"k1 + 1 = {k1 + 1} and k2 = {k2} neighbours need at least that many query + gallery "
-                         f"features; got {n}")
-    rank, row_max, out = _neighbours(feats, k1 + 1, num_q)
+    # neighbour lists longer than the set are cut at its size, as NumPy's slicing does in TransReID's code
+    rank, row_max, out = _neighbours(feats, min(max(k1 + 1, k2), n), num_q)
     rows, cols, vals = _sparse_v(feats, rank, row_max, k1)
     if k2 != 1:
         rows, cols, vals = _query_expand_v(rows, cols, vals, rank, k2, n)
