@@ -19,6 +19,7 @@ from reid_ms.errors import (
 from reid_ms.distributed import convert_sync_batchnorm
 from reid_ms.export import export_onnx, export_program
 from reid_ms.extractor import BoxMOTAdapter, FeatureExtractor
+from reid_ms.quantize import quantize
 from reid_ms.heads import BNNeckHead
 from reid_ms.heads.multibranch import MultiBranchBNNeckHead
 from reid_ms.model import ReIDModel
@@ -51,5 +52,5 @@ __all__ = [
     "ReidMsError", "ConfigError", "InputError", "CheckpointError", "CheckpointNotFoundError",
     "UnsafeCheckpointError",
     # retrieval and deployment
-    "FeatureExtractor", "BoxMOTAdapter",
+    "FeatureExtractor", "BoxMOTAdapter", "quantize",
 ]
