@@ -146,48 +146,58 @@ def _query_expand_v(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, 
     return torch.arange(n).repeat_interleave(counts), v_qe.col_indices(), v_qe.values()
 
 
-def _segments(lengths: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-    """Concatenated ranges ``starts[e] .. starts[e] + lengths[e]`` (one index per element)."""
-    total = int(lengths.sum())
-    shift = (starts - (lengths.cumsum(0) - lengths)).repeat_interleave(lengths, output_size=total)
-    return shift + torch.arange(total)
-
-
 def _jaccard_into(out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, num_q: int,
                   n: int, lambda_value: float) -> None:
     """``out [Q, G]`` (holding ``d(q, g)``) becomes ``(1 - lambda) * jaccard + lambda * d``, in place.
 
-    Every query entry ``(q, k)`` meets the gallery entries of column ``k`` (contiguous once sorted by column);
-    the minima are summed per ``(q, g)`` into a block of queries small enough to stay in cache.
+    Every query entry ``(q, k)`` meets the gallery entries of column ``k``. The gallery entries are laid out
+    per column in padded tables, one per power-of-two column length (at most twice the entries), so a
+    query entry reads its partners as one contiguous row; the minima are summed per ``(q, g)`` into a block
+    of queries small enough to stay in cache.
     """
     num_g = n - num_q
     q_end = int(torch.searchsorted(rows, torch.tensor(num_q)))       # rows are grouped in order: queries first
     q_rows, q_cols, q_vals = rows[:q_end], cols[:q_end], vals[:q_end]
     g_rows, g_cols, g_vals = rows[q_end:] - num_q, cols[q_end:], vals[q_end:]
     order = torch.argsort(g_cols, stable=True)                         # gallery entries by column
-    g_rows, g_vals = g_rows[order].int(), g_vals[order]
-    col_count = torch.bincount(g_cols, minlength=n)
-    col_ptr = col_count.cumsum(0) - col_count
-    pairs = col_count[q_cols]                                          # gallery partners of each query entry
+    g_rows, g_vals = g_rows[order], g_vals[order]
+    degree = torch.bincount(g_cols, minlength=n)
+    col_ptr = degree.cumsum(0) - degree
+    width = torch.where(degree > 0, 2 ** torch.ceil(torch.log2(degree.clamp_min(1).double())).long(), 0)
+    # per width: the padded [columns, width] tables of gallery rows (padding points at a spare column G)
+    # and values (padding 0), and each column's slot in them
+    slot = torch.full((n,), -1, dtype=torch.long)
+    tables = {}
+    for w in torch.unique(width[width > 0]).tolist():
+        members = torch.nonzero(width == w).squeeze(1)
+        slot[members] = torch.arange(len(members))
+        pos = col_ptr[members, None] + torch.arange(w)
+        valid = torch.arange(w) < degree[members, None]
+        pos = torch.where(valid, pos, 0)
+        tables[w] = (torch.where(valid, g_rows[pos], num_g), torch.where(valid, g_vals[pos], 0.0))
+    cost = width[q_cols]                                               # padded partners of each query entry
     entry_ptr = torch.zeros(num_q + 1, dtype=torch.long)
     entry_ptr[1:] = torch.bincount(q_rows, minlength=num_q).cumsum(0)
-    per_query = torch.zeros(num_q, dtype=torch.long).index_add_(0, q_rows, pairs)
-    cum = per_query.cumsum(0)
-    # queries per block: the [block, G] sums stay in cache, and about _PAIR_BLOCK pairs are expanded at once
-    rows_cap = max(1, (1 << 21) // max(num_g, 1))
+    cum = torch.zeros(num_q, dtype=torch.long).index_add_(0, q_rows, cost).cumsum(0)
+    stride = num_g + 1
+    rows_cap = max(1, (1 << 21) // stride)
     start = 0
     while start < num_q:
         base = int(cum[start - 1]) if start else 0
         stop = int(torch.searchsorted(cum, torch.tensor(base + _PAIR_BLOCK), right=True))
         stop = min(max(stop, start + 1), start + rows_cap, num_q)
         e0, e1 = int(entry_ptr[start]), int(entry_ptr[stop])
-        lengths = pairs[e0:e1]
-        pos = _segments(lengths, col_ptr[q_cols[e0:e1]])
-        total = len(pos)
-        q_val = q_vals[e0:e1].repeat_interleave(lengths, output_size=total)
-        target = ((q_rows[e0:e1] - start) * num_g).repeat_interleave(lengths, output_size=total) + g_rows[pos]
-        shared = torch.zeros((stop - start) * num_g).index_add_(0, target, torch.minimum(q_val, g_vals[pos]))
-        shared = shared.view(stop - start, num_g)
+        shared = torch.zeros((stop - start) * stride)
+        e_cols, e_width = q_cols[e0:e1], cost[e0:e1]
+        for w, (t_rows, t_vals) in tables.items():
+            sel = torch.nonzero(e_width == w).squeeze(1)
+            if len(sel) == 0:
+                continue
+            at = slot[e_cols[sel]]
+            target = t_rows.index_select(0, at).add_(((q_rows[e0:e1][sel] - start) * stride)[:, None])
+            partner = t_vals.index_select(0, at)
+            shared.index_add_(0, target.flatten(), torch.minimum(partner, q_vals[e0:e1][sel, None]).flatten())
+        shared = shared.view(stop - start, stride)[:, :num_g]
         jaccard = 1.0 - shared / (2.0 - shared)
         out[start:stop].mul_(lambda_value).add_(jaccard, alpha=1.0 - lambda_value)
         start = stop
