@@ -1,6 +1,6 @@
 """Deployment on this CPU: int8 and ONNX Runtime against the fp32 default, tracker latency, camera policies.
 
-    python bench/bench_deploy.py [--rounds 3] [--skip-speed] [--skip-latency]
+    python bench/bench_deploy.py [--rounds 3] [--skip-speed] [--skip-latency] [--skip-fidelity] [--out deploy.json]
 
 1. Speed at batch 8, ViT-B/16 (``vit_b16``, 256x128, stride 16), images/s, timed interleaved (bench/common.py):
    the fp32 default (eager ``model(x)`` in inference mode, whatever CPU path main's default takes), the
@@ -146,13 +146,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--skip-fidelity", action="store_true")
+    parser.add_argument("--out", default="deploy.json", help="file name under bench/results")
     args = parser.parse_args()
-    result = {"threads": torch.get_num_threads(), "fidelity": fidelity()}
+    result = {"threads": torch.get_num_threads()}
+    if not args.skip_fidelity:
+        result["fidelity"] = fidelity()
     if not args.skip_speed:
         result["speed_batch8_vit_b16"] = speed(args.rounds)
     if not args.skip_latency:
         result["from_boxes_latency_vit_b16"] = latency(args.rounds)
-    out = HERE / "results" / "deploy.json"
+    out = HERE / "results" / args.out
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
 

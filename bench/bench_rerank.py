@@ -66,6 +66,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--one", nargs=3, metavar=("WHICH", "Q", "G"))
     parser.add_argument("--ref-max", type=int, default=2000, help="largest query count the reference runs at")
+    parser.add_argument("--reference-from", type=Path,
+                        help="reuse the reference's runs from an earlier rerank.json (same sizes) instead of rerunning")
     parser.add_argument("--sizes", type=int, nargs="+", default=[600, 1200, 2000, 3368],
                         help="query counts; gallery = 4.72 x queries (Market-1501's ratio)")
     args = parser.parse_args()
@@ -73,10 +75,13 @@ def main() -> None:
         print(json.dumps(run_one(args.one[0], int(args.one[1]), int(args.one[2]))))
         return
     rows = []
+    earlier = {}
+    if args.reference_from:
+        earlier = {r["num_q"]: r["reference"] for r in json.loads(args.reference_from.read_text())["rows"] if r["reference"]}
     for q in args.sizes:
         g = MARKET[1] if q == MARKET[0] else round(q * MARKET[1] / MARKET[0])
         ours = spawn("reid_ms", q, g)
-        ref = spawn("reference", q, g) if q <= args.ref_max else None
+        ref = earlier.get(q) or (spawn("reference", q, g) if q <= args.ref_max else None)
         rows.append({"num_q": q, "num_g": g, "reid_ms": ours, "reference": ref})
         line = f"Q {q:5d} G {g:6d}: reid_ms {ours['seconds']:8.2f} s {ours['peak_mb']:8.0f} MB"
         if ref:
