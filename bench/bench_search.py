@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--gallery", type=int, default=200000)
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--no-faiss", action="store_true", help="time topk only")
     args = parser.parse_args()
     g = torch.Generator().manual_seed(0)
     gf = torch.nn.functional.normalize(torch.randn(args.gallery, args.dim, generator=g), dim=1)
@@ -42,6 +43,8 @@ def main() -> None:
     print(f"topk: {args.queries} x {args.gallery} x {args.dim}, k={args.k}: {seconds:.1f} s, peak RSS {peak_gb:.2f} GB "
           f"(features {features_gb:.2f} GB; the full distance matrix would be {result['full_matrix_gb']:.1f} GB)")
     try:
+        if args.no_faiss:
+            raise RuntimeError("--no-faiss")
         start = time.perf_counter()
         fd, fi = FaissIndex(gf).search(qf, k=args.k)
         result["faiss_seconds"] = time.perf_counter() - start
