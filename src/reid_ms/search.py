@@ -26,14 +26,14 @@ ArrayLike = Union[torch.Tensor, np.ndarray]
 SEARCH_METRICS = ("cosine", "euclidean")
 
 
-def _prepare(x: ArrayLike, name: str, metric: str) -> torch.Tensor:
+def _prepare(x: ArrayLike, name: str, metric: str, normalise: bool = True) -> torch.Tensor:
     t = torch.as_tensor(x)
     if t.dim() != 2 or t.shape[0] == 0 or not t.is_floating_point():
         raise InputError(f"{name} must be a non-empty 2-D float array [N, D], got shape {tuple(t.shape)} {t.dtype}")
     t = t.float()
     if not bool(torch.isfinite(t).all()):
         raise InputError(f"{name} contains NaN or infinite values")
-    return F.normalize(t, dim=1) if metric == "cosine" else t
+    return F.normalize(t, dim=1) if metric == "cosine" and normalise else t
 
 
 def _check(metric: str, k: int, num_g: int) -> None:
@@ -60,7 +60,8 @@ def topk(qf: ArrayLike, gf: ArrayLike, k: int = 10, metric: str = "cosine", quer
     if metric not in SEARCH_METRICS:
         raise InputError(f"metric must be one of {SEARCH_METRICS}, got {metric!r}")
     q = _prepare(qf, "qf", metric)
-    g = _prepare(gf, "gf", metric).to(q.device)
+    # the gallery is normalised a block at a time: no second gallery-sized copy
+    g = _prepare(gf, "gf", metric, normalise=False).to(q.device)
     _check(metric, k, g.shape[0])
     if q.shape[1] != g.shape[1]:
         raise InputError(f"query features are {q.shape[1]} wide but gallery features {g.shape[1]}")
@@ -68,6 +69,7 @@ def topk(qf: ArrayLike, gf: ArrayLike, k: int = 10, metric: str = "cosine", quer
         raise InputError(f"query_chunk and gallery_chunk must be >= 1, got {query_chunk}, {gallery_chunk}")
     num_q, num_g = q.shape[0], g.shape[0]
     g_sq = (g * g).sum(dim=1) if metric == "euclidean" else None
+    g_inv = 1.0 / g.norm(dim=1).clamp_min(1e-12) if metric == "cosine" else None
     out_d = torch.empty(num_q, k)
     out_i = torch.empty(num_q, k, dtype=torch.long)
     for qs in range(0, num_q, query_chunk):
@@ -76,6 +78,8 @@ def topk(qf: ArrayLike, gf: ArrayLike, k: int = 10, metric: str = "cosine", quer
         best_d = best_i = None
         for gs in range(0, num_g, gallery_chunk):
             part = g[gs:gs + gallery_chunk]
+            if g_inv is not None:
+                part = part * g_inv[gs:gs + gallery_chunk, None]
             if g_sq is None:
                 d = torch.addmm(torch.ones(()), block, part.T, beta=1.0, alpha=-1.0)       # 1 - cos
             else:
