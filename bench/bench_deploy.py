@@ -94,9 +94,9 @@ def fidelity() -> dict:
         loss.backward()
         opt.step()
     model.eval()
-    print(f"trained the small model: final loss {float(loss):.3f}", flush=True)
+    print(f"trained the small model: final loss {float(loss.detach()):.3f}", flush=True)
     fx = reid_ms.FeatureExtractor(model)
-    result: dict = {"final_loss": float(loss)}
+    result: dict = {"final_loss": float(loss.detach())}
     choices = {"true cameras": (q_cams.tolist(), g_cams.tolist()), "mean": ("mean", "mean"), "none": ("none", "none")}
     for name, (qc, gc) in choices.items():
         qf, gf = fx(q_files, cam_label=qc), fx(g_files, cam_label=gc)
