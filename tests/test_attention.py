@@ -1,4 +1,4 @@
-"""Training-time attention (reid_ms.backbones._attention): the per-image path with its hand-written
+"""Training-time attention (reid_ms.kernels.attention): the per-image path with its hand-written
 backward gives PyTorch's SDPA results and gradients, is taken exactly where it should be, and the
 backbones' attention modules built on it match timm's and open_clip's."""
 
@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Attention
 
-import reid_ms.backbones._attention as attn
+import reid_ms.dispatch as dispatch
+import reid_ms.kernels.attention as attn
 from reid_ms import ClipVisual, VitTrans
 from reid_ms.backbones.vit import VitAttention
 
@@ -81,10 +82,10 @@ def test_where_the_per_image_path_is_taken(count_per_image, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         attn.self_attention(qkv, 4)
     attn.self_attention(qkv.double(), 4)
-    monkeypatch.setattr(attn, "PER_IMAGE_TRAINING_MAX_TOKENS", 9)
+    monkeypatch.setattr(dispatch, "PER_IMAGE_TRAINING_MAX_TOKENS", 9)
     attn.self_attention(qkv, 4)
     assert len(count_per_image) == 1, "no gradient, dropout, autocast, float64 or long sequences: SDPA"
-    monkeypatch.setattr(attn, "PER_IMAGE_TRAINING_MAX_TOKENS", 10)
+    monkeypatch.setattr(dispatch, "PER_IMAGE_TRAINING_MAX_TOKENS", 10)
     attn.self_attention(qkv, 4)
     assert len(count_per_image) == 2, "the token limit is inclusive"
     for threads in (1, 5):
@@ -164,7 +165,7 @@ def test_backbone_training_gradients_match_the_sdpa_path(kind, count_per_image, 
         return {n: p.grad.clone() for n, p in model.named_parameters()}
     per_image = grads()
     assert len(count_per_image) == 2, "both blocks take the per-image path"
-    monkeypatch.setattr(attn, "PER_IMAGE_TRAINING_MAX_TOKENS", 0)
+    monkeypatch.setattr(dispatch, "PER_IMAGE_TRAINING_MAX_TOKENS", 0)
     reference = grads()
     assert len(count_per_image) == 2
     for name, grad in reference.items():

@@ -1,4 +1,4 @@
-"""Speed features of the backbones: chunked inference, bf16 autocast on fp16 CLIP weights, compile with labels."""
+"""Speed features of the backbones: bf16 autocast on fp16 CLIP weights, compile with labels."""
 
 from __future__ import annotations
 
@@ -8,66 +8,13 @@ import torch
 from _helpers_backbones import tiny_backbone, tiny_labels
 from reid_ms import ClipVisual, load_clip_weights
 
-# 64x32 at patch 16, stride 16: 4x2 patches + CLS = 9 tokens; 20 tokens per chunk -> chunks of 2 images
-CHUNK_TOKENS = 20
-
-
 def _build(kind: str) -> torch.nn.Module:
     return tiny_backbone(kind, 0.1)
 
 
 @pytest.mark.parametrize("kind", ["vit", "clip"])
-@pytest.mark.parametrize("batch", [1, 2, 5, 7])
-def test_chunked_inference_equals_one_call_and_per_image(kind, batch):
+def test_compile_fullgraph_with_labels(kind):
     model = _build(kind)
-    images = torch.randn(batch, 3, 64, 32)
-    labels = tiny_labels(batch)
-    with torch.inference_mode():
-        model.inference_chunk_tokens = 0
-        whole = model(images, **labels)
-        single = torch.cat([model(images[i:i + 1], **{k: v[i:i + 1] for k, v in labels.items()})
-                            for i in range(batch)])
-        model.inference_chunk_tokens = CHUNK_TOKENS
-        chunked = model(images, **labels)
-    assert chunked.shape == whole.shape
-    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(chunked, single, atol=1e-5, rtol=1e-5)
-
-
-def test_chunked_inference_with_unprojected_clip_tokens():
-    model = _build("clip")
-    images = torch.randn(5, 3, 64, 32)
-    with torch.no_grad():
-        model.inference_chunk_tokens = 0
-        whole = model(images, **tiny_labels(5), project=False)
-        model.inference_chunk_tokens = CHUNK_TOKENS
-        chunked = model(images, **tiny_labels(5), project=False)
-    assert chunked.shape == (5, 9, 64)
-    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize("kind", ["vit", "clip"])
-def test_training_forward_is_not_chunked_and_gradients_match(kind):
-    # with autograd on the batch runs whole; the gradient equals the one of an unchunked model
-    model = _build(kind).train()
-    images = torch.randn(5, 3, 64, 32)
-    model.inference_chunk_tokens = CHUNK_TOKENS
-    torch.manual_seed(3)  # the same drop-path draws in both runs
-    model(images, **tiny_labels(5)).square().mean().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    model.inference_chunk_tokens = 0
-    torch.manual_seed(3)
-    model(images, **tiny_labels(5)).square().mean().backward()
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, atol=0, rtol=0, msg=n)
-
-
-@pytest.mark.parametrize("kind", ["vit", "clip"])
-def test_compile_fullgraph_with_labels_on_a_chunk_sized_batch(kind):
-    # in inference with a batch larger than one chunk: chunking is skipped while tracing, no graph break
-    model = _build(kind)
-    model.inference_chunk_tokens = CHUNK_TOKENS
     images = torch.randn(5, 3, 64, 32)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="eager")

@@ -15,13 +15,16 @@ from reid_ms.errors import (
     InputError,
     ReidMsError,
     UnsafeCheckpointError,
+    InferenceModelError,
 )
+from reid_ms.dispatch import PathChoice, explain_path
 from reid_ms.distributed import convert_sync_batchnorm
 from reid_ms.export import export_onnx, export_program
 from reid_ms.extractor import BoxMOTAdapter, FeatureExtractor
 from reid_ms.quantize import quantize
 from reid_ms.heads import BNNeckHead
 from reid_ms.heads.multibranch import MultiBranchBNNeckHead
+from reid_ms.inference import InferenceModel, optimize_for_inference
 from reid_ms.model import ReIDModel
 from reid_ms.models import JPMReIDModel, MultiModalReIDModel
 from reid_ms.models.multimodal import load_multimodal_weights
@@ -50,7 +53,9 @@ __all__ = [
     "export_onnx", "export_program", "metrics",
     # errors
     "ReidMsError", "ConfigError", "InputError", "CheckpointError", "CheckpointNotFoundError",
-    "UnsafeCheckpointError",
+    "UnsafeCheckpointError", "InferenceModelError",
+    # how the blocks run, and the frozen inference copy
+    "explain_path", "PathChoice", "optimize_for_inference", "InferenceModel",
     # retrieval and deployment
     "FeatureExtractor", "BoxMOTAdapter", "quantize",
 ]

@@ -30,3 +30,7 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint asks to build an object that reid_ms refuses to create (code could run)."""
+
+
+class InferenceModelError(ReidMsError, RuntimeError):
+    """A model frozen by :func:`reid_ms.optimize_for_inference` was asked to train or change its weights."""

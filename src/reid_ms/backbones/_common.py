@@ -1,13 +1,19 @@
-"""Pieces both backbones share: grid arithmetic, image checks and the camera/view (SIE) row lookup."""
+"""Pieces both backbones share: grid arithmetic, image checks, the camera/view (SIE) row lookup and the
+block stack's runner (:class:`BlockBackbone`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Union
 
 import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from reid_ms.dispatch import block_path, record
 from reid_ms.errors import ConfigError, InputError
+from reid_ms.kernels.blocks import BlockParams, packed_weights_for, run_fused
+from reid_ms.kernels.compiled import run_compiled
 
 Label = Union[torch.Tensor, int, Sequence[int], None]
 
@@ -36,23 +42,6 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except RuntimeError:  # a device type without autocast (meta)
         return False
-
-
-def eager_cpu_fp32(x: torch.Tensor) -> bool:
-    """Whether ``x`` is a plain fp32 CPU tensor in eager code: the condition of both CPU fast paths.
-
-    Not under ``torch.compile``, ``torch.export``, ONNX export or ``torch.jit`` tracing (those see the
-    module path, which their own backends lower), no FakeTensor / functional / subclass tensor, no CPU
-    autocast.
-    """
-    # tracing checks first: under torch.compile the first one is a constant and nothing else is traced
-    return (
-        not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-        and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
-        and type(x) is torch.Tensor
-        and x.device.type == "cpu" and x.dtype == torch.float32 and x.layout == torch.strided
-        and not torch.is_autocast_enabled("cpu")
-    )
 
 
 def check_images(images: torch.Tensor, in_chans: int, img_size: tuple[int, int], owner: str,
@@ -172,25 +161,63 @@ def side_info_index(
     return cam if cam is not None else view
 
 
-# Tokens (images x sequence length) per chunk of an inference batch; 0: the batch in one call (default).
-# Chunks of ~1536 tokens keep the MLP's hidden layer (12 KiB a token at width 768, fp32) below glibc's
-# 32 MiB mmap threshold, which FACTS.md suggested would avoid page faults at batch 64; measured here
-# (bench/results, docs/performance.md) it was 7-20 % slower than one call, so it is opt-in.
-INFERENCE_CHUNK_TOKENS = 0
+class BlockBackbone(nn.Module):
+    """A backbone whose tokens go through a stack of pre-norm transformer blocks.
 
-
-def run_in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
-    """``fn`` (independent per sample) on ``x [B, T, D]``, in batch chunks of about ``chunk_tokens`` tokens.
-
-    Only where no autograd graph is recorded (inference) and outside ``torch.compile``/``torch.export``
-    (whose own memory planning handles buffers and whose batch may be symbolic); else one call. Each
-    sample's result is the same either way; ``chunk_tokens <= 0`` turns chunking off.
+    :meth:`forward_blocks` asks :func:`reid_ms.dispatch.block_path` how to run them (the same rules for
+    every backbone, eager or compiled) and runs that path. A subclass provides :meth:`block_stack`,
+    :meth:`block_params` (its blocks' tensors under one typed name) and :attr:`activation`.
     """
-    # Tracing first: comparing a symbolic batch size with ``step`` would make torch.export bound the batch.
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return fn(x)
-    b, t = x.shape[0], x.shape[1]
-    step = max(1, chunk_tokens // t)
-    if chunk_tokens <= 0 or b <= step or (torch.is_grad_enabled() and x.requires_grad):
-        return fn(x)
-    return torch.cat([fn(part) for part in x.split(step)])
+
+    activation = "gelu"  # the MLP's: "gelu" or "quick_gelu"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+        self.fused_inference = True
+
+    def block_stack(self) -> nn.Sequential:
+        """The blocks, in order."""
+        raise NotImplementedError
+
+    def block_params(self, block: nn.Module) -> BlockParams:
+        """``block``'s tensors for the fused path."""
+        raise NotImplementedError
+
+    def block_heads(self, block: nn.Module) -> int:
+        """``block``'s attention head count."""
+        raise NotImplementedError
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (while autograd records) to save memory."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_fused_inference(self, enable: bool = True) -> None:
+        """Run CPU fp32 inference through oneDNN's fused kernels (on by default; same outputs within float
+        rounding). Off: the blocks' own modules. Nothing is cached either way."""
+        self.fused_inference = enable
+
+    def forward_blocks(self, x: torch.Tensor, end: int | None = None) -> torch.Tensor:
+        """Run ``blocks[:end]`` (all by default) on tokens ``[B, T, D]``; no final norm."""
+        blocks = self.block_stack()
+        if end is not None:
+            blocks = blocks[:end]
+        if len(blocks) == 0:
+            return x
+        first = self.block_params(blocks[0])
+        choice = block_path(x, self, blocks, first.qkv_weight)
+        record(choice)
+        if choice.blocks == "module":
+            return blocks(x)
+        if choice.blocks == "checkpointed":
+            for block in blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+            return x
+        # eval-mode blocks are exactly this (drop path, dropout and layer scale are identities)
+        params = [first] + [self.block_params(b) for b in blocks[1:]]
+        heads = self.block_heads(blocks[0])
+        if choice.blocks == "fused_op":
+            return run_compiled(x, params, heads, self.activation)
+        return run_fused(x, params, heads, self.activation, packed_weights_for(self))

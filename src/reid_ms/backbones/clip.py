@@ -14,14 +14,11 @@ import torch
 import torch.nn.functional as F
 from timm.layers import QuickGELU, trunc_normal_
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from reid_ms.backbones._attention import self_attention
-from reid_ms.backbones._common import (INFERENCE_CHUNK_TOKENS, Label, check_images, grid_size, pair,
-                                      run_in_chunks, side_info_index, side_info_rows)
-from reid_ms.backbones._compiled import compiled_path_active, run_blocks
-from reid_ms.backbones._fast import PackedWeights, fast_path_active, run_fused
+from reid_ms.backbones._common import BlockBackbone, Label, check_images, grid_size, pair, side_info_index, side_info_rows
 from reid_ms.errors import ConfigError
+from reid_ms.kernels.attention import self_attention
+from reid_ms.kernels.blocks import BlockParams
 
 # CLIP's LayerNorm epsilon (PyTorch's default); TransReID's ViT uses 1e-6.
 CLIP_NORM_EPS = 1e-5
@@ -33,7 +30,7 @@ class ClipAttention(nn.Module):
     Written here instead of using ``nn.MultiheadAttention`` (whose names CLIP's files carry): that module
     is sequence-first by default and its general path is slower; this one keeps the names
     (``in_proj_weight`` q/k/v stacked, ``in_proj_bias``, ``out_proj``) and calls
-    :func:`reid_ms.backbones._attention.self_attention` (SDPA, or a faster per-image path in CPU training).
+    :func:`reid_ms.kernels.attention.self_attention` (SDPA, or a faster per-image path in CPU training).
     """
 
     def __init__(self, dim: int, num_heads: int) -> None:
@@ -71,41 +68,20 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class ClipTransformer(nn.Module):
-    """The stack of blocks, under CLIP's name ``transformer.resblocks``."""
+    """The stack of blocks, under CLIP's name ``transformer.resblocks``; :class:`ClipVisual` runs them."""
 
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
         self.width = width
         self.layers = layers
-        self.grad_checkpointing = False
-        # CPU fp32 inference through packed-weight kernels (same outputs; reid_ms.backbones._fast)
-        self.fused_inference = True
-        self.packed_weights = PackedWeights()
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, N, width]`` -> ``[B, N, width]``."""
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for block in self.resblocks:
-                x = checkpoint(block, x, use_reentrant=False)
-            return x
-        weight = self.resblocks[0].attn.in_proj_weight
-        compiled = compiled_path_active(x, self, self.resblocks, weight)
-        if compiled or fast_path_active(x, self, self.resblocks, weight):
-            # being compiled, the same path as one custom op in the graph
-            layers = [(b.ln_1, b.attn.in_proj_weight, b.attn.in_proj_bias, b.attn.out_proj, b.ln_2, b.mlp.c_fc,
-                       b.mlp.c_proj) for b in self.resblocks]
-            run = run_blocks if compiled else run_fused
-            return run(x, layers, self.resblocks[0].attn.num_heads, "quick_gelu", self.packed_weights)
+        """``[B, N, width]`` -> ``[B, N, width]`` through the blocks' own modules."""
         return self.resblocks(x)
 
-    def train(self, mode: bool = True) -> ClipTransformer:
-        if mode:
-            self.packed_weights.clear()
-        return super().train(mode)
 
-
-class ClipVisual(nn.Module):
+class ClipVisual(BlockBackbone):
     """CLIP-ReID's image encoder (defaults: CLIP ViT-B/16 at 256x128), returning every token.
 
     ``cls = class_embedding + sie_coef * cv_embed[row]`` (the camera/view vector on the CLS token only,
@@ -134,6 +110,7 @@ class ClipVisual(nn.Module):
         img_size: int | Sequence[int] = (256, 128),
         patch_size: int | Sequence[int] = 16,
         stride_size: int | Sequence[int] = 16,
+        *,
         width: int = 768,
         layers: int = 12,
         heads: int = 12,
@@ -177,8 +154,6 @@ class ClipVisual(nn.Module):
         self.transformer = ClipTransformer(width, layers, heads, mlp_ratio)
         self.ln_post = nn.LayerNorm(width, eps=CLIP_NORM_EPS)
         self.proj = nn.Parameter(torch.empty(width, output_dim))
-        # > 0: inference batches run through the blocks in chunks of about this many tokens (opt-in)
-        self.inference_chunk_tokens = INFERENCE_CHUNK_TOKENS
         self.init_weights()
 
     @torch.no_grad()
@@ -201,19 +176,21 @@ class ClipVisual(nn.Module):
         if self.cv_embed is not None:
             trunc_normal_(self.cv_embed, std=0.02)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass instead of storing its activations."""
-        self.transformer.grad_checkpointing = enable
+    activation = "quick_gelu"
 
-    def set_fused_inference(self, enable: bool = True) -> None:
-        """Run CPU fp32 inference through packed-weight kernels (on by default; same outputs).
+    def block_stack(self) -> nn.Sequential:
+        return self.transformer.resblocks
 
-        The packed copies of the block weights (about the weights' size) are freed either way; with
-        ``enable`` they are rebuilt on the next inference call.
-        """
-        self.transformer.fused_inference = enable
-        self.transformer.packed_weights.clear()
+    def block_params(self, block: nn.Module) -> BlockParams:
+        attn, mlp = block.attn, block.mlp
+        return BlockParams(block.ln_1.weight, block.ln_1.bias, attn.in_proj_weight, attn.in_proj_bias,
+                           attn.out_proj.weight, attn.out_proj.bias, block.ln_2.weight, block.ln_2.bias,
+                           mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias, block.ln_1.eps)
 
+    def block_heads(self, block: nn.Module) -> int:
+        return block.attn.num_heads
+
+    @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Additive embeddings, excluded from weight decay like open_clip's position and class embeddings."""
         return {"positional_embedding", "class_embedding", "cv_embed"}
@@ -223,8 +200,7 @@ class ClipVisual(nn.Module):
     ) -> torch.Tensor:
         """``[B, in_chans, img_h, img_w]`` -> ``[B, 1 + H*W, output_dim]`` (``[B, 1 + H*W, width]`` unprojected).
 
-        The CLS token comes first, then the patches row by row. With ``inference_chunk_tokens > 0`` an
-        inference batch goes through the blocks in chunks of about that many tokens (opt-in; same result).
+        The CLS token comes first, then the patches row by row.
         """
         check_images(images, self.in_chans, self.img_size, "ClipVisual", self.conv1.weight.dtype)
         b = images.shape[0]
@@ -235,11 +211,7 @@ class ClipVisual(nn.Module):
         if rows is not None:
             cls = cls + self.sie_coef * self.cv_embed[rows].unsqueeze(1)
         x = torch.cat([cls.to(x.dtype), x], dim=1) + self.positional_embedding.to(x.dtype)
-        return run_in_chunks(lambda t: self._encode(t, project), self.ln_pre(x), self.inference_chunk_tokens)
-
-    def _encode(self, x: torch.Tensor, project: bool) -> torch.Tensor:
-        """Tokens after ``ln_pre`` ``[B, T, width]`` -> after the blocks and ``ln_post`` (and ``proj``)."""
-        x = self.ln_post(self.transformer(x))
+        x = self.ln_post(self.forward_blocks(self.ln_pre(x)))
         return x @ self.proj if project else x
 
     def forward(

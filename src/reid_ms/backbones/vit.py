@@ -13,16 +13,14 @@ from functools import partial
 
 import torch
 from timm.layers import trunc_normal_
-from timm.models.vision_transformer import Attention, Block
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from reid_ms.backbones._attention import self_attention
-from reid_ms.backbones._common import (INFERENCE_CHUNK_TOKENS, Label, check_images, grid_size, pair,
-                                      run_in_chunks, side_info_index, side_info_rows)
-from reid_ms.backbones._compiled import compiled_path_active, run_blocks
-from reid_ms.backbones._fast import PackedWeights, fast_path_active, run_fused
+from reid_ms.backbones._common import BlockBackbone, Label, check_images, grid_size, pair, side_info_index, side_info_rows
 from reid_ms.errors import ConfigError
+from reid_ms.kernels.attention import self_attention
+from reid_ms.kernels.blocks import BlockParams
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -45,15 +43,14 @@ class OverlapPatchEmbed(nn.Module):
 
 class VitAttention(Attention):
     """timm's ``Attention`` (same parameters, same results) computing through
-    :func:`reid_ms.backbones._attention.self_attention`, which is faster for CPU training.
+    :func:`reid_ms.kernels.attention.self_attention`, which is faster for CPU training.
 
-    :class:`VitTrans` gives its timm blocks this class in place of timm's (it adds no state). Anything
-    this forward does not cover (masks, causal attention, q/k norms, gates, the unfused path) is
-    timm's own forward.
+    :class:`VitTrans` builds its timm blocks with this class as their ``attn_layer`` (it adds no state).
+    Anything this forward does not cover (masks, causal attention, q/k norms, gates) is timm's own forward.
     """
 
     def _plain(self) -> bool:
-        return (self.fused_attn and isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+        return (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
                 and getattr(self, "gate", None) is None)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
@@ -66,7 +63,7 @@ class VitAttention(Attention):
         return super().forward(x, **extra)
 
 
-class VitTrans(nn.Module):
+class VitTrans(BlockBackbone):
     """TransReID's ViT backbone (defaults: ViT-B/16), returning every token after the final LayerNorm.
 
     ``tokens = cat(cls, patches) + pos_embed + sie_coef * sie_embed[row]``, the camera/view vector added
@@ -80,6 +77,7 @@ class VitTrans(nn.Module):
         img_size: int | Sequence[int] = (256, 128),
         patch_size: int | Sequence[int] = 16,
         stride_size: int | Sequence[int] = 16,
+        *,
         in_chans: int = 3,
         embed_dim: int = 768,
         depth: int = 12,
@@ -116,12 +114,6 @@ class VitTrans(nn.Module):
         self.embed_dim = self.out_dim = embed_dim
         self.camera_num, self.view_num = camera_num, view_num
         self.sie_coef = float(sie_coef)
-        self.grad_checkpointing = False
-        # > 0: inference batches run through the blocks in chunks of about this many tokens (opt-in)
-        self.inference_chunk_tokens = INFERENCE_CHUNK_TOKENS
-        # CPU fp32 inference through packed-weight kernels (same outputs; reid_ms.backbones._fast)
-        self.fused_inference = True
-        self.packed_weights = PackedWeights()
 
         self.patch_embed = OverlapPatchEmbed(self.img_size, self.patch_size, self.stride_size, in_chans, embed_dim)
         self.grid_size = self.patch_embed.grid_size
@@ -136,15 +128,10 @@ class VitTrans(nn.Module):
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
-                  attn_drop=attn_drop_rate, drop_path=dpr[i], act_layer=nn.GELU, norm_layer=norm_layer)
+                  attn_drop=attn_drop_rate, drop_path=dpr[i], act_layer=nn.GELU, norm_layer=norm_layer,
+                  attn_layer=VitAttention)
             for i in range(depth)
         ])
-        for block in self.blocks:
-            # timm turns fused attention off under its exportable flag or TIMM_FUSED_ATTN=0; the unfused
-            # path materialises the [B, heads, T, T] matrix and is much slower, so always take SDPA.
-            block.attn.fused_attn = True
-            if type(block.attn) is Attention:
-                block.attn.__class__ = VitAttention
         self.norm = norm_layer(embed_dim)
         self._init_weights()
 
@@ -171,25 +158,17 @@ class VitTrans(nn.Module):
         """Parameter names that optimisers should not decay (timm's convention)."""
         return {"pos_embed", "cls_token", "sie_embed"}
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass (training only) to save memory."""
-        self.grad_checkpointing = enable
+    def block_stack(self) -> nn.Sequential:
+        return self.blocks
 
-    @torch.jit.ignore
-    def set_fused_inference(self, enable: bool = True) -> None:
-        """Run CPU fp32 inference through packed-weight kernels (on by default; same outputs).
+    def block_params(self, block: nn.Module) -> BlockParams:
+        attn, mlp = block.attn, block.mlp
+        return BlockParams(block.norm1.weight, block.norm1.bias, attn.qkv.weight, attn.qkv.bias, attn.proj.weight,
+                           attn.proj.bias, block.norm2.weight, block.norm2.bias, mlp.fc1.weight, mlp.fc1.bias,
+                           mlp.fc2.weight, mlp.fc2.bias, block.norm1.eps)
 
-        The packed copies of the block weights (about the weights' size) are freed either way; with
-        ``enable`` they are rebuilt on the next inference call.
-        """
-        self.fused_inference = enable
-        self.packed_weights.clear()
-
-    def train(self, mode: bool = True) -> VitTrans:
-        if mode:
-            self.packed_weights.clear()
-        return super().train(mode)
+    def block_heads(self, block: nn.Module) -> int:
+        return block.attn.num_heads
 
     def embed(self, images: torch.Tensor, cam_label: Label = None, view_label: Label = None) -> torch.Tensor:
         """Images ``[B, C, img_h, img_w]`` -> tokens before the blocks ``[B, 1 + H*W, D]``, CLS first."""
@@ -203,33 +182,10 @@ class VitTrans(nn.Module):
             x = x + self.sie_coef * self.sie_embed[row]
         return self.pos_drop(x)
 
-    def forward_blocks(self, x: torch.Tensor, end: int | None = None) -> torch.Tensor:
-        """Run ``blocks[:end]`` (all by default) on tokens ``[B, T, D]``; no final norm."""
-        blocks = self.blocks if end is None else self.blocks[:end]
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            for block in blocks:
-                x = checkpoint(block, x, use_reentrant=False)
-            return x
-        weight = blocks[0].attn.qkv.weight if len(blocks) else None
-        compiled = weight is not None and compiled_path_active(x, self, blocks, weight)
-        if compiled or (weight is not None and fast_path_active(x, self, blocks, weight)):
-            # eval-mode blocks are exactly this (drop path, dropout and layer scale are identities); being
-            # compiled, the same path as one custom op in the graph
-            layers = [(b.norm1, b.attn.qkv.weight, b.attn.qkv.bias, b.attn.proj, b.norm2, b.mlp.fc1, b.mlp.fc2)
-                      for b in blocks]
-            run = run_blocks if compiled else run_fused
-            return run(x, layers, blocks[0].attn.num_heads, "gelu", self.packed_weights)
-        return blocks(x)
-
     def forward_features(self, images: torch.Tensor, cam_label: Label = None,
                          view_label: Label = None) -> torch.Tensor:
-        """Images ``[B, C, img_h, img_w]`` -> every token after the final norm ``[B, 1 + H*W, D]``.
-
-        With ``inference_chunk_tokens > 0`` an inference batch goes through the blocks in chunks of about
-        that many tokens (opt-in; the same result, see ``docs/performance.md`` for when it pays).
-        """
-        x = self.embed(images, cam_label, view_label)
-        return run_in_chunks(lambda t: self.norm(self.forward_blocks(t)), x, self.inference_chunk_tokens)
+        """Images ``[B, C, img_h, img_w]`` -> every token after the final norm ``[B, 1 + H*W, D]``."""
+        return self.norm(self.forward_blocks(self.embed(images, cam_label, view_label)))
 
     def forward(self, images: torch.Tensor, cam_label: Label = None, view_label: Label = None) -> torch.Tensor:
         """Images ``[B, C, img_h, img_w]`` -> every token after the final norm ``[B, 1 + H*W, D]``."""

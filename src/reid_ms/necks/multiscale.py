@@ -31,8 +31,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from reid_ms.backbones._fast import fused_kernels_usable, linear_onednn
+from reid_ms.dispatch import fused_kernels_reason
 from reid_ms.errors import ConfigError, InputError
+from reid_ms.kernels.blocks import linear_onednn
 
 MODES = ("dense", "light")
 
@@ -169,13 +170,13 @@ class MultiScaleSlidingWindow(nn.Module):
         # the weight at memory speed, about 1.6x faster than addmm at B = 8 (which has the derivative
         # training needs).
         b, d = grid.shape[0], grid.shape[3]
-        onednn = fused_kernels_usable(grid, self.windows[0].weight)
+        onednn = fused_kernels_reason(grid, self.windows[0].weight) is None
         acc = 0 if onednn else grid.new_zeros(d, b)
         for window, s in zip(self.windows, self.scales):
             weight, count = window.weight.reshape(d, d * s * s), window_count(h, w, s)
             if onednn:
                 tiles = tile_sum(grid, s).div_(count).permute(0, 3, 1, 2).reshape(b, d * s * s)
-                acc = acc + linear_onednn(tiles, (weight, None))
+                acc = acc + linear_onednn(tiles, weight, None)
             else:
                 tiles = tile_sum(grid, s).permute(3, 1, 2, 0).reshape(d * s * s, b)
                 acc = torch.addmm(acc, weight, tiles, alpha=1 / count)

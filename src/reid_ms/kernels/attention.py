@@ -4,8 +4,8 @@ Both backbones' attention starts from one product ``qkv = x @ W_qkv.T + b`` of s
 k and v side by side, each split into heads) and ends in ``[B, T, D]`` (heads side by side again).
 :func:`self_attention` computes ``softmax(q k^T / sqrt(head_dim)) v`` between those layouts.
 
-**Training on CPU in fp32** with up to :data:`PER_IMAGE_TRAINING_MAX_TOKENS` tokens and 2-4 threads
-(:data:`PER_IMAGE_THREADS`), it runs :class:`PerImageAttention`: the forward is
+**Training on CPU in fp32** (where :func:`reid_ms.dispatch.attention_path` says so: short sequences,
+2-4 threads), it runs :class:`PerImageAttention`: the forward is
 :func:`explicit_attention` (per image: ``baddbmm`` for the scaled scores, softmax in place, ``bmm``, on
 strided views of ``qkv``, so no layout copies of the whole batch); like a flash kernel it keeps only
 ``qkv`` and the output for the backward, which per image recomputes the probabilities ``P`` by the same
@@ -14,16 +14,13 @@ operations and then forms
     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - rowsum(dO * O)),   dQ = dS K / sqrt(hd),   dK = dS^T Q / sqrt(hd)
 
 (``rowsum(dO * O)`` equals the softmax backward's ``rowsum(dP * P)``), written straight into the
-gradient of ``qkv``. One image's ``[heads, T, T]`` scores (2 MB for ViT-B at 211 tokens) stay in cache.
-Measured against PyTorch's CPU flash kernel with the permutes and the stacking of three gradients
-around it (ViT-B, 12 heads of 64, batch 16, 2 threads, forward and backward): 0.67-0.69x the time at
-129 tokens, 0.90-0.91x at 197-257, 0.99x at 325, hence the limit; in a whole training step 0.87-0.97x
-the time at 129 tokens and a tie at 211 (``docs/performance.md``).
+gradient of ``qkv``. One image's ``[heads, T, T]`` scores (2 MB for ViT-B at 211 tokens) stay in cache;
+``docs/performance.md`` has the measurements against PyTorch's CPU flash kernel.
 
 **Everywhere else** (no gradient needed, GPU, half precision, autocast, longer sequences, other thread
 counts, attention dropout, ``torch.compile``/``torch.export``/ONNX/tracing, ``torch.func`` transforms) it
 is ``F.scaled_dot_product_attention`` on permuted views, the path compilers and exporters know. (CPU fp32
-*inference* has its own path in :mod:`reid_ms.backbones._fast`, which calls :func:`explicit_attention`
+*inference* has its own path in :mod:`reid_ms.kernels.blocks`, which calls :func:`explicit_attention`
 for short sequences too.)
 """
 
@@ -33,22 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from reid_ms.backbones._common import eager_cpu_fp32
-
-# Longest sequence whose training-time attention runs image by image (see the module docstring).
-PER_IMAGE_TRAINING_MAX_TOKENS = 256
-
-# Thread counts (torch.get_num_threads()) at which the per-image paths, training and inference, are used.
-# Measured on this project's 2-core machines: at 2 threads they beat SDPA's CPU kernel (the numbers
-# above); at 1 thread they do not (training 0.92-1.06x, inference 1.05-1.13x SDPA's attention time). From
-# 5 threads on, one image's head products (12 for ViT-B) per call would leave threads idle where SDPA
-# splits images x heads x query blocks; not measured here, so SDPA is kept.
-PER_IMAGE_THREADS = range(2, 5)
-
-
-def per_image_threads() -> bool:
-    """Whether the current thread count is one the per-image paths are used at (:data:`PER_IMAGE_THREADS`)."""
-    return torch.get_num_threads() in PER_IMAGE_THREADS
+from reid_ms.dispatch import attention_path
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -119,29 +101,13 @@ class PerImageAttention(torch.autograd.Function):
         return grad_qkv, None
 
 
-def per_image_training_usable(qkv: torch.Tensor) -> bool:
-    """Whether :func:`self_attention` runs :class:`PerImageAttention` on ``qkv`` ``[B, T, 3D]``.
-
-    An autograd graph being recorded for a plain fp32 CPU tensor, outside autocast, with at most
-    :data:`PER_IMAGE_TRAINING_MAX_TOKENS` tokens, at :data:`PER_IMAGE_THREADS` threads, and not under
-    ``torch.compile``, ``torch.export``, ONNX export, ``torch.jit`` tracing or ``torch.func`` transforms
-    (those see SDPA, which their own backends lower and differentiate).
-    """
-    return (
-        eager_cpu_fp32(qkv)
-        and not torch._C._are_functorch_transforms_active()  # torch.func.grad/vmap: SDPA's own rules
-        and torch.is_grad_enabled() and qkv.requires_grad
-        and qkv.shape[1] <= PER_IMAGE_TRAINING_MAX_TOKENS and per_image_threads()
-    )
-
-
 def self_attention(qkv: torch.Tensor, heads: int, dropout_p: float = 0.0) -> torch.Tensor:
     """Multi-head softmax attention: ``qkv`` ``[B, T, 3D]`` (q, k, v stacked, heads inside each) -> ``[B, T, D]``.
 
     ``dropout_p`` drops attention probabilities (pass 0 outside training); it always takes SDPA.
     """
     b, t, three_d = qkv.shape
-    if dropout_p == 0.0 and per_image_training_usable(qkv):
+    if attention_path(qkv, dropout_p)[0] == "per_image":
         return PerImageAttention.apply(qkv.contiguous(), heads)
     x = F.scaled_dot_product_attention(*_split(qkv, heads), dropout_p=dropout_p)
     return x.transpose(1, 2).reshape(b, t, three_d // 3)
