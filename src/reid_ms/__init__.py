@@ -23,7 +23,7 @@ from reid_ms.errors import (
 __version__ = "0.1.0"
 
 # the public submodules, imported on first use like the names below
-_SUBMODULES = ("data", "losses", "metrics", "optim", "training")
+_SUBMODULES = ("data", "losses", "metrics", "optim", "training", "testing", "search", "visualize", "clipreid")
 
 # public name -> the module that defines it
 _LAZY = {
@@ -57,10 +57,13 @@ _LAZY = {
     "InferenceModel": "reid_ms.inference",
     "sample_data": "reid_ms.samples",
     "SampleData": "reid_ms.samples",
+    "FeatureExtractor": "reid_ms.extractor",
+    "BoxMOTAdapter": "reid_ms.extractor",
+    "quantize": "reid_ms.deploy",
 }
 
 if typing.TYPE_CHECKING:  # what type checkers and editors see; _LAZY must name the same modules (tested)
-    from reid_ms import data, losses, metrics, optim, training
+    from reid_ms import data, losses, metrics, optim, search, training, visualize
     from reid_ms.backbones.clip_text import ClipText, PromptLearner
     from reid_ms.dispatch import PathChoice, explain_path
     from reid_ms.inference import InferenceModel, optimize_for_inference
@@ -74,6 +77,8 @@ if typing.TYPE_CHECKING:  # what type checkers and editors see; _LAZY must name 
     from reid_ms.weights.multimodal import load_multimodal_weights
     from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow
     from reid_ms.necks.jpm import JigsawPatchNeck
+    from reid_ms.deploy import quantize
+    from reid_ms.extractor import BoxMOTAdapter, FeatureExtractor
     from reid_ms.registry import ModelSpec, build, list_models, register
     from reid_ms.samples import SampleData, sample_data
     from reid_ms.weights._common import LoadReport
@@ -121,4 +126,6 @@ __all__ = [
     "ClipText", "PromptLearner",
     # the sample set shipped with the package
     "sample_data", "SampleData",
+    # retrieval and deployment
+    "FeatureExtractor", "BoxMOTAdapter", "quantize", "search", "visualize",
 ]

@@ -24,7 +24,6 @@ import argparse
 import ast
 import collections.abc
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -272,12 +271,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fill_normalisation(args: argparse.Namespace) -> None:
-    from reid_ms.data import REID_MEAN, REID_STD
-
-    args.mean, args.std = list(args.mean or REID_MEAN), list(args.std or REID_STD)
-
-
 def _settings(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
     """Everything that changes the features; a resumed extraction must match it exactly."""
     weights = _weights_path(args.weights)
@@ -288,9 +281,20 @@ def _settings(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
         "weights_sha256": None if weights is None else _sha256(weights),
         "seed": args.seed,                           # parts a checkpoint lacks keep their seeded init
         "img_size": list(model.backbone.img_size),
-        "mean": list(args.mean),
-        "std": list(args.std),
+        "mean": list(_input_config(args, model)["mean"]),
+        "std": list(_input_config(args, model)["std"]),
     }
+
+
+def _input_config(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
+    """The model's own input config (``model.pretrained_cfg``), with ``--mean`` / ``--std`` when given."""
+    from reid_ms.preprocess import model_input_config
+
+    cfg = model_input_config(model)
+    for key in ("mean", "std"):
+        if getattr(args, key) is not None:
+            cfg[key] = tuple(getattr(args, key))
+    return cfg
 
 
 # -- feature extraction ---------------------------------------------------------------------------
@@ -317,11 +321,11 @@ def extract_features(
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     out = np.empty((len(dataset), model.feat_dim), dtype=np.float32)
-    camids = torch.tensor(dataset.camids, dtype=torch.long)
+    camids = None if dataset.camids is None else torch.tensor(dataset.camids, dtype=torch.long)
     with torch.inference_mode(), tqdm(total=len(dataset), desc=desc, unit="img", leave=False,
                                         disable=not progress) as bar:
         for images, indices in loader:
-            cams = _camera_labels(model, camids[indices].to(device))
+            cams = None if camids is None else _camera_labels(model, camids[indices].to(device))
             feats = model(images.to(device), cam_label=cams).float().cpu().numpy()
             out[indices.numpy()] = feats
             if on_batch is not None:
@@ -354,7 +358,7 @@ def _save_npz(path: Path, **arrays: Any) -> None:
 FEATURE_KEYS = ("feats", "pids", "camids", "paths", "settings", "num_images")
 
 
-def _read_features(path: Path) -> dict[str, Any]:
+def _read_features(path: Path, need_ids: bool = True) -> dict[str, Any]:
     """A features file written by ``extract``, checked: its arrays agree in length, its settings are a record."""
     import numpy as np
 
@@ -362,10 +366,17 @@ def _read_features(path: Path) -> dict[str, Any]:
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in FEATURE_KEYS if k not in data.files]
+            if not need_ids and "feats" in data.files and set(missing) <= {"pids", "camids"}:
+                missing = []              # an extraction of any file names: features and paths only
+            elif set(missing) <= {"pids", "camids"} and "feats" in data.files and missing:
+                raise InputError(f"{str(path)!r} has no person and camera ids (its images were not named "
+                                 f"'<pid>_c<camera>...'); evaluation needs them")
             if missing:
                 raise InputError(f"{where} lacks {missing}; it was not written by this version of 'reid-ms "
                                  f"extract': extract the features again (--overwrite replaces the file)")
-            arrays = {k: data[k] for k in FEATURE_KEYS}
+            arrays = {k: data[k] for k in FEATURE_KEYS if k in data.files}
+            for k in ("pids", "camids"):  # placeholders: resuming recomputes ids from the names
+                arrays.setdefault(k, np.zeros(len(arrays["feats"]), dtype=np.int64))
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         if isinstance(exc, InputError):
             raise
@@ -399,18 +410,26 @@ def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def _cmd_extract(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from reid_ms.data import ReidImageFolder, eval_transform, list_images, parse_market_name
+    from reid_ms.data import ReidImageFolder, list_images, parse_market_name
+    from reid_ms.preprocess import image_transform
 
     if args.batch_size < 1 or args.save_every < 1:
         raise ConfigError(f"--batch-size and --save-every must be >= 1, got {args.batch_size} and {args.save_every}")
     _check_one_folder_model(args)
-    _fill_normalisation(args)
     out = Path(args.out)
     _check_output(out, "features.npz")
     files = list_images(args.images)
     names = [f.name for f in files]
-    old = _read_features(out) if out.exists() and not args.overwrite else None
+    old = _read_features(out, need_ids=False) if out.exists() and not args.overwrite else None
+    try:
+        ids = [parse_market_name(f) for f in files]
+    except InputError:
+        ids = None                        # any names: features only; 'reid-ms eval' needs Market-1501 names
     model = _build_model(args)
+    if ids is None and model.backbone.camera_num > 0:
+        raise InputError(f"{args.name} has a camera table but the names in {args.images!r} carry no cameras "
+                         f"(Market-1501 '<pid>_c<camera>...'); use Python's reid_ms.FeatureExtractor with "
+                         f"cam_label='mean' or 'none' for crops of unknown cameras")
     settings = _settings(args, model)
 
     done: dict[str, np.ndarray] = {}
@@ -429,14 +448,17 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     def save() -> None:
         kept = [n for n in names if n in done]
         feats = np.stack([done[n] for n in kept]) if kept else np.zeros((0, model.feat_dim), np.float32)
-        ids = [parse_market_name(n) for n in kept]
-        _save_npz(out, feats=feats, pids=np.array([p for p, _ in ids], dtype=np.int64).reshape(-1),
-                  camids=np.array([c for _, c in ids], dtype=np.int64).reshape(-1),
-                  paths=np.array(kept, dtype=np.str_), settings=np.array(json.dumps(settings, sort_keys=True)),
+        arrays = {}
+        if ids is not None:
+            kept_ids = [parse_market_name(n) for n in kept]
+            arrays = dict(pids=np.array([p for p, _ in kept_ids], dtype=np.int64).reshape(-1),
+                          camids=np.array([c for _, c in kept_ids], dtype=np.int64).reshape(-1))
+        _save_npz(out, feats=feats, **arrays, paths=np.array(kept, dtype=np.str_),
+                  settings=np.array(json.dumps(settings, sort_keys=True)),
                   num_images=np.array(len(names), dtype=np.int64))
 
     if todo:
-        dataset = ReidImageFolder(args.images, eval_transform(model.backbone.img_size, args.mean, args.std), todo)
+        dataset = ReidImageFolder(args.images, image_transform(_input_config(args, model)), todo, ids=ids is not None)
         batches = 0
 
         def on_batch(indices: np.ndarray, feats: np.ndarray) -> None:
@@ -473,16 +495,17 @@ def _drop_junk(feats: np.ndarray, pids: np.ndarray, camids: np.ndarray, what: st
 def _features_from_dir(args: argparse.Namespace, model: nn.Module, folder: str, what: str) -> Features:
     import numpy as np
 
-    from reid_ms.data import ReidImageFolder, eval_transform
+    from reid_ms.data import ReidImageFolder
+    from reid_ms.preprocess import image_transform
 
-    dataset = ReidImageFolder(folder, eval_transform(model.backbone.img_size, args.mean, args.std))
+    dataset = ReidImageFolder(folder, image_transform(_input_config(args, model)))
     feats = extract_features(model, dataset, args.batch_size, args.device, args.workers, desc=what,
                              progress=not args.quiet)
     return feats, np.array(dataset.pids, dtype=np.int64), np.array(dataset.camids, dtype=np.int64)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from reid_ms.metrics import METRICS, evaluate
+    from reid_ms.metrics import METRICS, evaluate, query_expansion
 
     if args.metric not in METRICS:
         raise ConfigError(f"--metric must be one of {', '.join(METRICS)}, got {args.metric!r}")
@@ -510,18 +533,48 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.query is None or args.gallery is None or args.name is None:
             raise ConfigError("evaluating image folders needs --query, --gallery and a model NAME")
         _check_one_folder_model(args)
-        _fill_normalisation(args)
         model = _build_model(args)
         sets = [_features_from_dir(args, model, folder, what)
                 for folder, what in ((args.query, "query"), (args.gallery, "gallery"))]
+    if args.show_ranks and not from_dirs:
+        raise ConfigError("--show-ranks draws the images, so it needs --query and --gallery image folders with NAME")
     (qf, q_pids, q_cams), (gf, g_pids, g_cams) = (_drop_junk(*s, what) for s, what in zip(sets, ("query", "gallery")))
-    result = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=args.metric)
+    if args.aqe:
+        if args.metric != "cosine":
+            raise ConfigError("--aqe (average query expansion) works on cosine similarity; drop --metric euclidean")
+        qf = query_expansion(qf, gf, k=args.aqe).numpy()
+    result = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=args.metric, rerank=args.rerank)
     print(f"queries {result.num_valid_queries} valid of {len(qf)}, gallery {len(gf)}, metric {args.metric}")
     for k in REPORTED_RANKS:
         print(f"Rank-{k:<3d} {100 * result.rank(k):6.2f}%")
     print(f"mAP      {100 * result.mAP:6.2f}%")
     print(f"mINP     {100 * result.mINP:6.2f}%")
+    if args.show_ranks:
+        _show_ranks(args, qf, gf, q_pids, g_pids, q_cams, g_cams)
     return 0
+
+
+def _show_ranks(args: argparse.Namespace, qf: np.ndarray, gf: np.ndarray, *labels: np.ndarray) -> None:
+    import torch
+
+    from reid_ms.data import JUNK_PID, list_images, parse_market_name
+    from reid_ms.metrics import re_ranking
+    from reid_ms.visualize import show_ranks
+
+    paths = [[p for p in list_images(folder) if parse_market_name(p)[0] != JUNK_PID]
+             for folder in (args.query, args.gallery)]
+    q, g = torch.from_numpy(qf), torch.from_numpy(gf)
+    if args.rerank:
+        if args.metric == "cosine":
+            q, g = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(g, dim=1)
+        dist = re_ranking(q, g, **reid_ms.metrics.TRANSREID_RERANK)
+    elif args.metric == "cosine":
+        dist = 1.0 - torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(g, dim=1).T
+    else:
+        dist = torch.cdist(q, g)
+    out = Path(args.out or "ranks.png")
+    show_ranks(dist, *paths, *labels, k=args.show_ranks, num_queries=args.num_queries, out=out)
+    print(f"wrote the top-{args.show_ranks} ranked lists of {min(args.num_queries, len(qf))} queries to {out}")
 
 
 # -- list / info ----------------------------------------------------------------------------------
@@ -588,7 +641,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from reid_ms.export import export_onnx, onnx_max_error
 
-    out = Path(args.out)
+    out = Path(args.out or f"{args.name}.onnx")
     _check_output(out, "model.onnx")
     model = _build_model(args).to("cpu")
     names = export_onnx(model, out, opset=args.opset)
@@ -680,9 +733,9 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="image-loading processes (default 0: in-process)")
     parser.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"),
-                        help="normalisation mean (default 0.5 0.5 0.5, as TransReID and CLIP-ReID)")
+                        help="normalisation mean (default: the model's, model.pretrained_cfg)")
     parser.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"),
-                        help="normalisation std (default 0.5 0.5 0.5)")
+                        help="normalisation std (default: the model's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -700,11 +753,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(func=_cmd_info, weights=None)
 
-    p = sub.add_parser("extract", parents=[common], help="features of a folder of Market-1501-named images, to .npz")
+    p = sub.add_parser("extract", parents=[common], help="features of a folder of images, to .npz")
     _add_model_options(p)
     _add_data_options(p)
-    p.add_argument("--images", required=True, help="folder of images named <pid>_c<camera>...")
-    p.add_argument("--out", required=True, help=".npz with feats, pids, camids, paths (resumed if it exists)")
+    p.add_argument("--images", required=True, help="folder of images (any names; ids and cameras are read from "
+                   "Market-1501 names <pid>_c<camera>... when all files have them, as 'eval' needs)")
+    p.add_argument("--out", required=True, help=".npz with feats, paths (and pids, camids) (resumed if it exists)")
     p.add_argument("--save-every", type=int, default=20, help="save progress every N batches (default 20)")
     p.add_argument("--overwrite", action="store_true", help="start over even if --out exists")
     p.set_defaults(func=_cmd_extract)
@@ -717,13 +771,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", help="query image folder (with NAME)")
     p.add_argument("--gallery", help="gallery image folder (with NAME)")
     p.add_argument("--metric", default="cosine", help="cosine (default) or euclidean")
+    p.add_argument("--rerank", action="store_true",
+                   help="k-reciprocal re-ranking with TransReID's evaluation setting (k1=50, k2=15, lambda=0.3)")
+    p.add_argument("--aqe", type=int, default=0, metavar="K",
+                   help="average query expansion with the K nearest gallery features (cosine; default off)")
+    p.add_argument("--show-ranks", type=int, default=0, metavar="K",
+                   help="draw each query with its top-K gallery crops (green right, red wrong) to --out")
+    p.add_argument("--num-queries", type=int, default=8, help="queries drawn by --show-ranks (default 8)")
+    p.add_argument("--out", help="picture written by --show-ranks (default ranks.png)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("export", parents=[common], help="export a model to ONNX (checked with onnxruntime when installed)")
     _add_model_options(p)
     p.add_argument("--weights", help="a local checkpoint; without it the model is randomly initialised")
     p.add_argument("--format", choices=("onnx",), default="onnx")
-    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--out", help="the .onnx file to write (default NAME.onnx)")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--tolerance", type=float, default=1e-3,
                    help="largest accepted difference between onnxruntime and PyTorch (default 1e-3)")

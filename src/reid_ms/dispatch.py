@@ -109,6 +109,8 @@ def fused_kernels_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
         return f"{tracer} records the module path (a portable graph)"
     if _cpu_autocast():
         return "CPU autocast is on"
+    if not isinstance(weight, torch.Tensor):
+        return "the block weights are not tensors (e.g. quantised layers): their modules run"
     if not (_plain_cpu_fp32(x) and _plain_cpu_fp32(weight)):
         return (f"inputs {x.dtype} on {x.device.type}, weights {weight.dtype} on {weight.device.type}: the fused "
                 f"kernels take plain fp32 CPU tensors")
@@ -193,7 +195,8 @@ def _module_attention(x: torch.Tensor, weight: torch.Tensor) -> str:
     if torch.compiler.is_compiling():
         return "sdpa"
     # the q/k/v product needs a gradient when the tokens or the weights do; a view carries the flag
-    probe = x.detach().requires_grad_(torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    weight_grad = isinstance(weight, torch.Tensor) and weight.requires_grad
+    probe = x.detach().requires_grad_(torch.is_grad_enabled() and (x.requires_grad or weight_grad))
     return attention_path(probe)[0]
 
 

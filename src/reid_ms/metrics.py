@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from reid_ms.errors import InputError
+from reid_ms.rerank import TRANSREID_RERANK, query_expansion, re_ranking  # noqa: F401  (public here)
 
-__all__ = ["EvalResult", "evaluate", "METRICS"]
+__all__ = ["EvalResult", "evaluate", "METRICS", "re_ranking", "query_expansion"]
 
 ArrayLike = Union[torch.Tensor, np.ndarray, list, tuple]
 
@@ -145,6 +146,7 @@ def evaluate(
     metric: str = "cosine",
     max_rank: int = 50,
     chunk_size: int = 128,
+    rerank: bool | dict = False,
 ) -> EvalResult:
     """Rank the gallery for every query and score the rankings (Market-1501 protocol).
 
@@ -157,6 +159,9 @@ def evaluate(
             distance on the raw features; the ranking equals the plain distance's).
         max_rank: length of the returned CMC curve, capped at ``G``.
         chunk_size: queries ranked at once; peak memory is a few ``chunk_size x G`` tensors.
+        rerank: rank by k-reciprocal re-ranked distances (:func:`re_ranking` on the features as
+            ``metric`` prepares them, L2-normalised for ``cosine``): ``True`` for TransReID's evaluation
+            setting (k1=50, k2=15, lambda_value=0.3), or a dict of other values. It holds a ``[Q, G]`` matrix.
 
     Returns:
         :class:`EvalResult` with ``cmc [min(max_rank, G)]``, ``mAP``, ``mINP``, ``num_valid_queries``.
@@ -188,13 +193,19 @@ def evaluate(
         q, g = _scaled(q, peak), _scaled(g, peak)
         g_sq = (g * g).sum(dim=1)
     max_rank = min(max_rank, num_g)
+    reranked = None
+    if rerank is not False:
+        unknown = set(rerank) - set(TRANSREID_RERANK) if isinstance(rerank, dict) else set()
+        if unknown or not isinstance(rerank, (bool, dict)):
+            raise InputError(f"rerank is True, False or a dict of {sorted(TRANSREID_RERANK)}, got {rerank!r}")
+        reranked = re_ranking(q, g, **{**TRANSREID_RERANK, **(rerank if isinstance(rerank, dict) else {})})
 
     first_hits: list[torch.Tensor] = []
     ap_sum = inp_sum = 0.0
     positions = torch.arange(1, num_g + 1, device=q.device, dtype=torch.float64)
     for start in range(0, num_q, chunk_size):
         stop = min(start + chunk_size, num_q)
-        dist = _distances(q[start:stop], g, metric, g_sq)
+        dist = _distances(q[start:stop], g, metric, g_sq) if reranked is None else reranked[start:stop].to(q.device)
         order = torch.sort(dist, dim=1, stable=True).indices                      # [C, G]
         ranked_pids, ranked_cams = g_pids_t[order], g_cams_t[order]
         same_pid = ranked_pids == q_pids_t[start:stop, None]

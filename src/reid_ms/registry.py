@@ -26,6 +26,7 @@ from reid_ms.errors import ConfigError
 from reid_ms.heads import BNNeckHead
 from reid_ms.models import JPMReIDModel, MultiModalReIDModel, ReIDModel
 from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow
+from reid_ms.preprocess import input_config
 from reid_ms.weights import load_clip_weights, load_vit_weights
 from reid_ms.weights._common import LoadReport, load_all_or_nothing, memory_budget
 from reid_ms.weights._io import read_checkpoint
@@ -191,8 +192,9 @@ def build(name: str, pretrained: str | os.PathLike | None = None,
 
     Returns:
         A :class:`~reid_ms.ReIDModel` (or the spec's model class: :class:`~reid_ms.JPMReIDModel`,
-        :class:`~reid_ms.MultiModalReIDModel`) with ``model.model_name`` and ``model.load_report``
-        (``None`` without ``pretrained``).
+        :class:`~reid_ms.MultiModalReIDModel`) with ``model.model_name``, ``model.load_report``
+        (``None`` without ``pretrained``) and ``model.pretrained_cfg``, its input configuration
+        (:func:`reid_ms.preprocess.input_config`: size, mean, std, interpolation).
     """
     spec = get_spec(name)
     if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
@@ -214,6 +216,7 @@ def build(name: str, pretrained: str | os.PathLike | None = None,
     else:
         model = ReIDModel(backbone, neck=neck, head=BNNeckHead(width, **routed["head"]), adapter=adapter)
     model.model_name = name
+    model.pretrained_cfg = input_config(model)
     if pretrained is not None:
         model.load_report = _load_pretrained(model, spec, os.fspath(pretrained))
     return model

@@ -102,15 +102,17 @@ class ReidImageFolder(Dataset):
     """A flat folder of Market-1501-named crops; item ``i`` is ``(image [3, H, W], i)``.
 
     ``paths``, ``pids`` and ``camids`` hold every file's path and parsed ids in the (sorted) item order.
+    With ``ids=False`` the names may be anything and ``pids`` / ``camids`` are ``None``.
     Unreadable images raise :class:`InputError` naming the file.
     """
 
-    def __init__(self, root: str | Path, transform: T.Compose, files: Sequence[Path] | None = None) -> None:
+    def __init__(self, root: str | Path, transform: T.Compose, files: Sequence[Path] | None = None,
+                 ids: bool = True) -> None:
         self.root = Path(root)
         self.paths = list(files) if files is not None else list_images(self.root)
-        ids = [parse_market_name(p) for p in self.paths]
-        self.pids = [pid for pid, _ in ids]
-        self.camids = [cam for _, cam in ids]
+        parsed = [parse_market_name(p) for p in self.paths] if ids else None
+        self.pids = None if parsed is None else [pid for pid, _ in parsed]
+        self.camids = None if parsed is None else [cam for _, cam in parsed]
         self.transform = transform
 
     def __len__(self) -> int:
