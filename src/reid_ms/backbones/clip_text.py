@@ -49,7 +49,7 @@ class CausalClipAttention(ClipAttention):
     """:class:`ClipAttention` where each token attends to itself and the tokens before it (CLIP's text mask).
 
     Always SDPA with ``is_causal=True``: the per-image training path of
-    :mod:`reid_ms.backbones._attention` has no mask.
+    :mod:`reid_ms.kernels.attention` has no mask.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
