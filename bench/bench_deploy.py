@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import interleaved  # noqa: E402
 
-SAMPLE = HERE.parent / "examples" / "sample_data"
+SAMPLE = reid_ms.sample_data().root
 
 
 def speed(rounds: int) -> dict:

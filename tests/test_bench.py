@@ -28,7 +28,7 @@ def test_interleaved_alternates_the_order_and_takes_medians(monkeypatch):
 def test_one_configuration_end_to_end():
     cfg = bench_backbones.Config("vit", (256, 128), 16, 1, "fp32", "forward", False)
     result = bench_backbones.run_group(cfg, rounds=1, full=False)
-    assert set(result["models"]) == {"reid_ms", "timm", "explicit"}
+    assert set(result["models"]) == {"reid_ms", "reid_ms frozen", "timm", "explicit"}
     for name, m in result["models"].items():
         # ViT-B/16 at 129 tokens: 22.7 GFLOP per image for every contestant (same layers, same attention)
         assert m["gflop_per_image"] == pytest.approx(22.68, abs=0.01), name

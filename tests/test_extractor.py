@@ -16,7 +16,7 @@ from PIL import Image
 import reid_ms
 from reid_ms.cli import main
 
-SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample_data"
+SAMPLE = reid_ms.sample_data().root
 QUERY = sorted((SAMPLE / "query").glob("*.jpg"))
 TINY = dict(embed_dim=32, depth=1, num_heads=2, img_size=(48, 32))
 

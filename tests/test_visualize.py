@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import reid_ms
 from reid_ms import InputError
 from reid_ms.cli import main
 from reid_ms.visualize import BORDER, GAP, GREEN, QUERY_FRAME, RED, show_ranks
 
-SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample_data"
+SAMPLE = reid_ms.sample_data().root
 TINY = ["--set", "embed_dim=32", "--set", "depth=1", "--set", "num_heads=2", "--img-size", "32", "16", "-q"]
 
 

@@ -22,5 +22,8 @@ def real_number(value: object, name: str, *, low: float = -math.inf, high: float
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok and low <= value and (value < high if high_open else value <= high):
         return float(value)
-    where = f" in [{low:g}, {high:g}{')' if high_open else ']'}" if (low, high) != (-math.inf, math.inf) else ""
-    raise ConfigError(f"{owner + ': ' if owner else ''}{name} must be a finite number{where}, got {value!r}")
+    what = "a finite number"
+    if (low, high) != (-math.inf, math.inf):
+        what = f"lie in [{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ConfigError(f"{owner + ': ' if owner else ''}{name} must {'be ' if (low, high) == (-math.inf, math.inf) else ''}"
+                      f"{what}, got {value!r}")

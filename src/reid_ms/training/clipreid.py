@@ -120,7 +120,7 @@ class ClipReidTextStage(TrainHook):
             labels = dict(cam_label=cams.to(device) if backbone.camera_num > 0 else None,
                           view_label=views.to(device) if backbone.view_num > 0 else None)
             if model.feat_dim == text_dim:
-                return model.forward_features(images, **labels)
+                return model.forward_head(model.forward_features(images, **labels), pre_logits=True)
             return backbone(images, **labels)[:, 0]
 
         was_training = model.training
