@@ -19,9 +19,10 @@ def real_number(value: object, name: str, *, low: float = -math.inf, high: float
                 high_open: bool = False, owner: str = "") -> float:
     """``value`` as a float if it is a finite real number (not a bool) in ``[low, high]`` (``[low, high)``
     with ``high_open``), else a :class:`ConfigError` (prefixed by ``owner``)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low <= value and (value < high if high_open else value <= high):
-        return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        number = float(value)
+        if low <= number and (number < high if high_open else number <= high):
+            return number
     what = "a finite number"
     if (low, high) != (-math.inf, math.inf):
         what = f"lie in [{low:g}, {high:g}{')' if high_open else ']'}"

@@ -215,7 +215,8 @@ def record(choice: PathChoice) -> None:
 @contextlib.contextmanager
 def _recorder() -> Iterator[list[PathChoice]]:
     outer = getattr(_recording, "log", None)
-    _recording.log = log = []
+    log: list[PathChoice] = []
+    _recording.log = log
     try:
         yield log
     finally:

@@ -54,7 +54,8 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 def _split(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``[B, T, 3D]`` -> views q, k, v ``[B, heads, T, hd]``."""
     b, t, three_d = qkv.shape
-    return qkv.reshape(b, t, 3, heads, three_d // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = qkv.reshape(b, t, 3, heads, three_d // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
 
 
 class PerImageAttention(torch.autograd.Function):

@@ -25,7 +25,7 @@ def fused_blocks(x: torch.Tensor, params: list[Optional[torch.Tensor]], num_head
     ``activation`` is ``"gelu"`` or ``"quick_gelu"``.
     """
     n = TENSORS_PER_BLOCK
-    blocks = [BlockParams(*params[i:i + n], eps) for i in range(0, len(params), n)]
+    blocks = [BlockParams(*params[i:i + n], eps) for i in range(0, len(params), n)]  # type: ignore[arg-type,call-arg]
     return run_fused(x.contiguous(), blocks, num_heads, activation)
 
 
