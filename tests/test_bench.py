@@ -35,4 +35,4 @@ def test_one_configuration_end_to_end():
         assert m["ms"] > 0 and 0 < m["peak_share"] < 2
     assert result["models"]["reid_ms"]["time_ratio_reid_ms_over_this"] == 1.0
     table = bench_backbones.markdown([result])
-    assert table.count("\n") == 2 + 3 and "vit 256x128 s16 b1 fp32 forward eager" in table
+    assert table.count("\n") == 2 + 4 and "vit 256x128 s16 b1 fp32 forward eager" in table
