@@ -21,6 +21,8 @@ SKIP = [
     (re.compile(r"\bpip install\b|-m venv\b"), "installs; CI installed the wheel itself"),
     (re.compile(r"\bpytest\b"), "the test suite; CI runs it from the checkout and the sdist"),
     (re.compile(r"\btorchrun\b|\bexamples/"), "needs the repository's examples/ and a data set or GPUs"),
+    (re.compile(r"\breid-ms train\b"), "trains on a data set (Market-1501, or the synthetic set examples/ makes); "
+                                        "tests/test_train.py runs it on a tiny one"),
 ]
 
 
