@@ -20,7 +20,7 @@ def test_all_lists_every_public_name():
 
 
 def test_api_contract_names_exist():
-    # the names ../shared/API.md fixes
+    # the names the public API contract (docs/api.md) fixes
     for name in ("VitTrans", "ClipVisual", "load_vit_weights", "load_clip_weights", "MultiScaleSlidingWindow",
                  "DimAdapter", "list_models", "build"):
         assert name in reid_ms.__all__

@@ -80,7 +80,7 @@ class InferenceModel(nn.Module):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> NoReturn:
         self._refuse("load_state_dict")
 
-    def _apply(self, fn: Any, recurse: bool = True) -> NoReturn:  # .to(), .double(), .cuda(), .half(), ...
+    def _apply(self, fn: Any, recurse: bool = True) -> NoReturn:  # .to(), .double(), .half(), any device move
         self._refuse("converting its dtype or device")
 
     def __getstate__(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@ block stack's runner (:class:`BlockBackbone`)."""
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from typing import Union
 
@@ -161,7 +162,7 @@ def side_info_index(
     return cam if cam is not None else view
 
 
-class BlockBackbone(nn.Module):
+class BlockBackbone(nn.Module, abc.ABC):
     """A backbone whose tokens go through a stack of pre-norm transformer blocks.
 
     :meth:`forward_blocks` asks :func:`reid_ms.dispatch.block_path` how to run them (the same rules for
@@ -176,17 +177,17 @@ class BlockBackbone(nn.Module):
         self.grad_checkpointing = False
         self.fused_inference = True
 
+    @abc.abstractmethod
     def block_stack(self) -> nn.Sequential:
         """The blocks, in order."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def block_params(self, block: nn.Module) -> BlockParams:
         """``block``'s tensors for the fused path."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def block_heads(self, block: nn.Module) -> int:
         """``block``'s attention head count."""
-        raise NotImplementedError
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
