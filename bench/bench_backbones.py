@@ -9,6 +9,7 @@ the ratios and the shares of the peak hold even when the absolute numbers do not
     python bench/bench_backbones.py                 # --quick: the headline configurations, a few minutes
     python bench/bench_backbones.py --full          # the whole matrix (hours on 2 cores)
     python bench/bench_backbones.py --families vit --strides 12 --batches 8 64 --passes forward
+    python bench/bench_backbones.py --baseline 10b6c5c  # adds an earlier release (git revision) as a contestant
 
 Peers: timm's ``VisionTransformer`` (stride 16 only: its patch embedding has stride = patch),
 open_clip's visual ``VisionTransformer`` (built at 256x128, i.e. with its position table at that grid,
@@ -25,6 +26,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -37,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved  # noqa: E402
+from common import import_release, interleaved  # noqa: E402
 from reference_vit import ExplicitViT  # noqa: E402
 
 from reid_ms import ClipVisual, VitTrans, optimize_for_inference  # noqa: E402
@@ -46,6 +48,8 @@ from reid_ms.flops import count_flops  # noqa: E402
 logger = logging.getLogger("bench_backbones")
 ROOT = Path(__file__).resolve().parent.parent
 PEAK_N = 2048
+# an earlier release (bench --baseline REV): its module, and its contestant name
+BASELINE: dict[str, object] = {}
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,14 @@ def build(name: str, cfg: Config) -> torch.nn.Module:
         return ClipVisual(img_size=cfg.img, stride_size=cfg.stride)
     if name == "reid_ms frozen":  # the explicit inference copy with packed weights
         return optimize_for_inference(build("reid_ms", cfg).eval())
+    if name == BASELINE.get("name"):  # the earlier release, on the same weights
+        current = build("reid_ms", cfg)
+        release = BASELINE["module"]
+        cls = release.VitTrans if cfg.family == "vit" else release.ClipVisual
+        kwargs = {"drop_path_rate": 0.0} if cfg.family == "vit" else {}
+        model = cls(img_size=cfg.img, stride_size=cfg.stride, **kwargs)
+        model.load_state_dict(current.state_dict())
+        return model
     if name == "timm":
         from timm.models.vision_transformer import VisionTransformer
 
@@ -92,6 +104,8 @@ def contestants(cfg: Config, full: bool) -> list[str]:
     """Who runs this configuration: reid_ms always (and its frozen inference copy in forward passes), the peer
     library at stride 16, the explicit ViT."""
     names = ["reid_ms"] + (["reid_ms frozen"] if cfg.pass_ == "forward" and not cfg.compiled else [])
+    if "name" in BASELINE:
+        names.append(BASELINE["name"])
     if cfg.stride == 16:
         names.append("timm" if cfg.family == "vit" else "open_clip")
     if cfg.family == "vit" or cfg.stride != 16:
@@ -141,7 +155,7 @@ def run_group(cfg: Config, rounds: int, full: bool) -> dict:
         fwd = forward_of(name, model)
         # open_clip's nn.MultiheadAttention takes a fused fast path in eval mode that FlopCounterMode
         # cannot see (projections included): count it in train mode, where it runs plain ops (no dropout)
-        if name == "reid_ms frozen":  # the counter cannot see MKL's packed products: the same work as reid_ms
+        if name in ("reid_ms frozen", BASELINE.get("name")):  # the counter cannot see MKL's packed products
             flops[name] = flops["reid_ms"]
         elif name == "timm":
             flops[name] = count_flops(model.eval().forward_features, images[:1])
@@ -155,8 +169,10 @@ def run_group(cfg: Config, rounds: int, full: bool) -> dict:
             flops[f"{name} eager"] = flops[name]
         else:
             fns[name] = make_step(cfg, model, fwd, images)
-    a, b = torch.randn(PEAK_N, PEAK_N), torch.randn(PEAK_N, PEAK_N)
-    fns["peak"] = lambda: [torch.mm(a, b) for _ in range(3)]
+    a, b, c = torch.randn(PEAK_N, PEAK_N), torch.randn(PEAK_N, PEAK_N), torch.empty(PEAK_N, PEAK_N)
+    # into a kept output: a fresh 16 MB result is page-faulted in on every call, which under memory
+    # pressure slowed the peak more than the models and put their shares above 100 %
+    fns["peak"] = lambda: [torch.mm(a, b, out=c) for _ in range(3)]
     start = time.perf_counter()
     # Compiled inference freezes the weights (Inductor's CPU inference setting: constant folding and
     # packed weights, as PyTorch's CPU inference guide advises); training cannot freeze them.
@@ -222,10 +238,13 @@ def plot(results: list[dict], path: Path) -> None:
     names = ["reid_ms", "reid_ms frozen", "timm", "open_clip", "explicit"]
     colors = {"reid_ms": "#1f77b4", "reid_ms frozen": "#17becf", "timm": "#ff7f0e", "open_clip": "#2ca02c",
               "explicit": "#7f7f7f"}
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
-    width = 0.16
+    if "name" in BASELINE:
+        names.append(str(BASELINE["name"]))
+        colors[names[-1]] = "#c7c7c7"
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.6))
+    width = 0.8 / len(names)
     for i, name in enumerate(names):
-        xs = [j + (i - 2) * width for j, r in enumerate(rows) if name in r["models"]]
+        xs = [j + (i - (len(names) - 1) / 2) * width for j, r in enumerate(rows) if name in r["models"]]
         ys = [100 * r["models"][name]["peak_share"] for r in rows if name in r["models"]]
         if xs:
             ax.bar(xs, ys, width, label=name, color=colors[name])
@@ -235,8 +254,9 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_ylabel("% of fp32 matmul peak (same rounds)")
     ax.axhline(85, color="k", lw=0.6, ls="--")
     ax.axhline(80, color="k", lw=0.6, ls=":")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=8, ncol=4, loc="lower center")
+    top = max(m["peak_share"] for r in rows for m in r["models"].values())
+    ax.set_ylim(0, max(100, 10 * math.ceil(10 * top)))
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     ax.set_title(f"fp32 forward, 256x128 unless noted, {torch.get_num_threads()} threads, CPU")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -257,11 +277,14 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--baseline", metavar="REV", help="also time reid_ms as of this git revision")
     parser.add_argument("--out", default="backbones", help="basename of the files under bench/results/")
     parser.add_argument("--plot", default=str(ROOT / "docs" / "img" / "performance.png"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
+    if args.baseline:
+        BASELINE.update(name=f"reid_ms {args.baseline}", module=import_release(args.baseline))
     selection_given = any(f"--{k}" in sys.argv for k in ("families", "strides", "batches", "dtypes", "passes", "modes"))
     cfgs = selected_configs(args) if (args.full or selection_given) else quick_configs()
     logger.info("%d configurations, %d threads, %d rounds each", len(cfgs), args.threads, args.rounds)

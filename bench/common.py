@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
+import io
+import re
 import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -19,6 +30,26 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
+
+
+def import_release(rev: str) -> ModuleType:
+    """``reid_ms`` as of git revision ``rev`` of this checkout, imported beside the current one.
+
+    The revision's ``src/reid_ms`` is unpacked into a temporary folder and renamed ``reid_ms_<rev>``, every
+    ``reid_ms`` name in it included (its import paths and its custom-op namespace), so both versions run
+    in one process and can be timed in the same rounds.
+    """
+    name = "reid_ms_" + re.sub(r"\W", "_", rev)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src/reid_ms"], capture_output=True,
+                             check=True).stdout
+    dest = Path(tempfile.mkdtemp(prefix="reid_ms_release_"))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, filter="data")
+    package = (dest / "src" / "reid_ms").rename(dest / name)
+    for path in package.rglob("*.py"):
+        path.write_text(re.sub(r"\breid_ms\b", name, path.read_text()))
+    sys.path.insert(0, str(dest))
+    return importlib.import_module(name)
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:

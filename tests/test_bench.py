@@ -36,3 +36,23 @@ def test_one_configuration_end_to_end():
     assert result["models"]["reid_ms"]["time_ratio_reid_ms_over_this"] == 1.0
     table = bench_backbones.markdown([result])
     assert table.count("\n") == 2 + 4 and "vit 256x128 s16 b1 fp32 forward eager" in table
+
+
+def test_an_earlier_release_runs_beside_the_current_one():
+    # --baseline REV times an earlier release in the same process: it must be that revision's own code,
+    # under its own names (imports and custom-op namespace), computing on the same weights
+    import torch
+
+    import reid_ms
+    from common import import_release
+
+    release = import_release("HEAD")
+    assert release.__name__ == "reid_ms_HEAD" and release.VitTrans is not reid_ms.VitTrans
+    assert Path(release.__file__).parent.name == "reid_ms_HEAD"
+    torch.manual_seed(0)
+    current = reid_ms.VitTrans(img_size=(32, 16), embed_dim=32, depth=1, num_heads=2).eval()
+    earlier = release.VitTrans(img_size=(32, 16), embed_dim=32, depth=1, num_heads=2).eval()
+    earlier.load_state_dict(current.state_dict())
+    images = torch.randn(2, 3, 32, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(earlier(images), current(images))
