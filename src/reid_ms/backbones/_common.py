@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from typing import Union
+from operator import attrgetter
+from typing import ClassVar, Union
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from reid_ms._validate import positive_int, real_number
 from reid_ms.dispatch import block_path, record
 from reid_ms.errors import ConfigError, InputError
 from reid_ms.kernels.blocks import BlockParams, packed_weights_for, run_fused
@@ -162,32 +164,75 @@ def side_info_index(
     return cam if cam is not None else view
 
 
-class BlockBackbone(nn.Module, abc.ABC):
-    """A backbone whose tokens go through a stack of pre-norm transformer blocks.
+def check_transformer(owner: str, width: tuple[str, int], heads: tuple[str, int], mlp_ratio: float, example: str,
+                      **sizes: int) -> None:
+    """:class:`ConfigError` unless the width, head count and ``sizes`` are positive ints, the heads divide the
+    width and ``mlp_ratio`` is a positive number; ``width`` and ``heads`` are ``(argument name, value)``,
+    ``example`` a valid pair for the message."""
+    for name, value in (width, heads, *sizes.items()):
+        positive_int(value, name, owner=owner)
+    if width[1] % heads[1]:
+        raise ConfigError(f"{owner}: {width[0]}={width[1]} is not divisible by {heads[0]}={heads[1]}; choose a "
+                          f"head count that divides the width ({example})")
+    if real_number(mlp_ratio, "mlp_ratio", owner=owner) <= 0:
+        raise ConfigError(f"{owner}: mlp_ratio must be positive, got {mlp_ratio!r}")
 
-    :meth:`forward_blocks` asks :func:`reid_ms.dispatch.block_path` how to run them (the same rules for
-    every backbone, eager or compiled) and runs that path. A subclass provides :meth:`block_stack`,
-    :meth:`block_params` (its blocks' tensors under one typed name) and :attr:`activation`.
+
+class BlockBackbone(nn.Module, abc.ABC):
+    """An image backbone whose tokens go through a stack of pre-norm transformer blocks.
+
+    The constructor checks and keeps the patch geometry (``img_size``, ``patch_size``, ``stride_size``,
+    ``grid_size``, ``num_patches``, ``in_chans``) and the camera/view settings (``camera_num``,
+    ``view_num``, ``sie_coef``); :meth:`_side_info` checks a call's images and labels.
+    :meth:`forward_blocks` asks :func:`reid_ms.dispatch.block_path` how to run the blocks (the same rules
+    for every backbone, eager or compiled) and runs that path. A subclass provides :meth:`block_stack`,
+    :attr:`block_fields` and :attr:`activation`.
     """
 
     activation = "gelu"  # the MLP's: "gelu" or "quick_gelu"
+    # Dotted names inside a block of BlockParams' fields, in order; the attention is `attn`, with `num_heads`.
+    block_fields: ClassVar[tuple[str, ...]]
 
-    def __init__(self) -> None:
+    def __init__(self, img_size: int | Sequence[int], patch_size: int | Sequence[int],
+                 stride_size: int | Sequence[int], in_chans: int, camera_num: int, view_num: int,
+                 sie_coef: float) -> None:
         super().__init__()
         self.grad_checkpointing = False
         self.fused_inference = True
+        self.img_size = pair(img_size, "img_size")
+        self.patch_size = pair(patch_size, "patch_size")
+        self.stride_size = pair(stride_size, "stride_size")
+        self.grid_size = grid_size(self.img_size, self.patch_size, self.stride_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.in_chans = positive_int(in_chans, "in_chans", owner=type(self).__name__)
+        self.table_rows = side_info_rows(camera_num, view_num)  # 0: no camera/view table
+        self.camera_num, self.view_num = camera_num, view_num
+        self.sie_coef = real_number(sie_coef, "sie_coef", owner=type(self).__name__)
 
     @abc.abstractmethod
     def block_stack(self) -> nn.Sequential:
         """The blocks, in order."""
 
-    @abc.abstractmethod
     def block_params(self, block: nn.Module) -> BlockParams:
         """``block``'s tensors for the fused path."""
+        return BlockParams(*attrgetter(*self.block_fields)(block))
 
-    @abc.abstractmethod
     def block_heads(self, block: nn.Module) -> int:
         """``block``'s attention head count."""
+        return int(attrgetter("attn.num_heads")(block))
+
+    def _side_info(self, images: torch.Tensor, cam_label: Label, view_label: Label, table: torch.Tensor | None,
+                   dtype: torch.dtype) -> torch.Tensor | None:
+        """Check ``images`` (:func:`check_images`; ``dtype``: the weights') and the labels
+        (:func:`side_info_index`); return each image's row of ``table`` times ``sie_coef``, ``[B, 1, D]``
+        (``None`` for a model without a table)."""
+        owner = type(self).__name__
+        check_images(images, self.in_chans, self.img_size, owner, dtype)
+        row = side_info_index(cam_label, view_label, self.camera_num, self.view_num, images.shape[0],
+                              images.device, owner)
+        if row is None or table is None:
+            return None
+        return self.sie_coef * table[row].flatten(1).unsqueeze(1)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -15,11 +15,8 @@ import torch.nn.functional as F
 from timm.layers import QuickGELU, trunc_normal_
 from torch import nn
 
-from reid_ms._validate import positive_int, real_number
-from reid_ms.backbones._common import BlockBackbone, Label, check_images, grid_size, pair, side_info_index, side_info_rows
-from reid_ms.errors import ConfigError
+from reid_ms.backbones._common import BlockBackbone, Label, check_transformer
 from reid_ms.kernels.attention import self_attention
-from reid_ms.kernels.blocks import BlockParams
 
 # CLIP's LayerNorm epsilon (PyTorch's default); TransReID's ViT uses 1e-6.
 CLIP_NORM_EPS = 1e-5
@@ -69,13 +66,27 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class ClipTransformer(nn.Module):
-    """The stack of blocks, under CLIP's name ``transformer.resblocks``; :class:`ClipVisual` runs them."""
+    """The stack of ``block``s, under CLIP's name ``transformer.resblocks``; :class:`ClipVisual` runs them."""
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0,
+                 block: type[ResidualAttentionBlock] = ResidualAttentionBlock) -> None:
         super().__init__()
         self.width = width
         self.layers = layers
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[block(width, heads, mlp_ratio) for _ in range(layers)])
+
+    def init_weights(self) -> None:
+        """CLIP's initialisation of the blocks (OpenAI / open_clip standard deviations, zero attention biases)."""
+        attn_std = self.width ** -0.5
+        proj_std = attn_std * (2 * self.layers) ** -0.5
+        stds = {"attn.in_proj_weight": attn_std, "attn.out_proj.weight": proj_std,
+                "mlp.c_fc.weight": (2 * self.width) ** -0.5, "mlp.c_proj.weight": proj_std}
+        for block in self.resblocks:
+            for name, param in block.named_parameters():
+                if name in stds:
+                    nn.init.normal_(param, std=stds[name])
+                elif name in ("attn.in_proj_bias", "attn.out_proj.bias"):
+                    nn.init.zeros_(param)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, N, width]`` -> ``[B, N, width]`` through the blocks' own modules."""
@@ -106,89 +117,43 @@ class ClipVisual(BlockBackbone):
         mlp_ratio: hidden width of the MLP relative to ``width``.
     """
 
-    def __init__(
-        self,
-        img_size: int | Sequence[int] = (256, 128),
-        patch_size: int | Sequence[int] = 16,
-        stride_size: int | Sequence[int] = 16,
-        *,
-        width: int = 768,
-        layers: int = 12,
-        heads: int = 12,
-        output_dim: int = 512,
-        camera_num: int = 0,
-        view_num: int = 0,
-        sie_coef: float = 1.0,
-        in_chans: int = 3,
-        mlp_ratio: float = 4.0,
-    ) -> None:
-        super().__init__()
-        for name, value in (("width", width), ("layers", layers), ("heads", heads), ("output_dim", output_dim),
-                            ("in_chans", in_chans)):
-            positive_int(value, name, owner="ClipVisual")
-        if width % heads:
-            raise ConfigError(f"ClipVisual: width {width} is not divisible by heads {heads}; choose heads that "
-                              f"divide the width (CLIP ViT-B/16: width=768, heads=12)")
-        if real_number(mlp_ratio, "mlp_ratio", owner="ClipVisual") <= 0:
-            raise ConfigError(f"ClipVisual: mlp_ratio must be positive, got {mlp_ratio}")
-        self.img_size = pair(img_size, "img_size")
-        self.patch_size = pair(patch_size, "patch_size")
-        self.stride_size = pair(stride_size, "stride_size")
-        self.grid_size = grid_size(self.img_size, self.patch_size, self.stride_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.in_chans = in_chans
+    def __init__(self, img_size: int | Sequence[int] = (256, 128), patch_size: int | Sequence[int] = 16,
+                 stride_size: int | Sequence[int] = 16, *, width: int = 768, layers: int = 12, heads: int = 12,
+                 output_dim: int = 512, camera_num: int = 0, view_num: int = 0, sie_coef: float = 1.0,
+                 in_chans: int = 3, mlp_ratio: float = 4.0) -> None:
+        super().__init__(img_size, patch_size, stride_size, in_chans, camera_num, view_num, sie_coef)
+        check_transformer("ClipVisual", ("width", width), ("heads", heads), mlp_ratio,
+                          "CLIP ViT-B/16: width=768, heads=12", layers=layers, output_dim=output_dim)
         self.width = self.embed_dim = width
-        self.layers = layers
-        self.heads = heads
+        self.layers, self.heads = layers, heads
         self.output_dim = self.out_dim = output_dim
-        self.camera_num = camera_num
-        self.view_num = view_num
-        self.sie_coef = real_number(sie_coef, "sie_coef", owner="ClipVisual")
-        rows = side_info_rows(camera_num, view_num)
-
         self.conv1 = nn.Conv2d(in_chans, width, kernel_size=self.patch_size, stride=self.stride_size, bias=False)
         self.class_embedding = nn.Parameter(torch.empty(width))
         self.positional_embedding = nn.Parameter(torch.empty(1 + self.num_patches, width))
-        self.cv_embed = nn.Parameter(torch.empty(rows, width)) if rows else None
+        self.cv_embed = nn.Parameter(torch.empty(self.table_rows, width)) if self.table_rows else None
         self.ln_pre = nn.LayerNorm(width, eps=CLIP_NORM_EPS)
         self.transformer = ClipTransformer(width, layers, heads, mlp_ratio)
         self.ln_post = nn.LayerNorm(width, eps=CLIP_NORM_EPS)
         self.proj = nn.Parameter(torch.empty(width, output_dim))
         self.init_weights()
 
-    @torch.no_grad()
     def init_weights(self) -> None:
         """CLIP's initialisation (OpenAI/open_clip text-tower standard deviations); ``cv_embed`` as CLIP-ReID."""
         scale = self.width ** -0.5
-        attn_std = scale
-        proj_std = scale * (2 * self.layers) ** -0.5
-        fc_std = (2 * self.width) ** -0.5
         nn.init.normal_(self.class_embedding, std=scale)
         nn.init.normal_(self.positional_embedding, std=scale)
         nn.init.normal_(self.proj, std=scale)
-        for block in self.transformer.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-            nn.init.zeros_(block.attn.in_proj_bias)
-            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.zeros_(block.attn.out_proj.bias)
-            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        self.transformer.init_weights()
         if self.cv_embed is not None:
             trunc_normal_(self.cv_embed, std=0.02)
 
     activation = "quick_gelu"
+    block_fields = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
+                    "attn.out_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                    "mlp.c_proj.weight", "mlp.c_proj.bias", "ln_1.eps")
 
     def block_stack(self) -> nn.Sequential:
         return self.transformer.resblocks
-
-    def block_params(self, block: nn.Module) -> BlockParams:
-        attn, mlp = block.attn, block.mlp
-        return BlockParams(block.ln_1.weight, block.ln_1.bias, attn.in_proj_weight, attn.in_proj_bias,
-                           attn.out_proj.weight, attn.out_proj.bias, block.ln_2.weight, block.ln_2.bias,
-                           mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias, block.ln_1.eps)
-
-    def block_heads(self, block: nn.Module) -> int:
-        return block.attn.num_heads
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -202,14 +167,11 @@ class ClipVisual(BlockBackbone):
 
         The CLS token comes first, then the patches row by row.
         """
-        check_images(images, self.in_chans, self.img_size, "ClipVisual", self.conv1.weight.dtype)
-        b = images.shape[0]
-        rows = side_info_index(cam_label, view_label, self.camera_num, self.view_num, b, images.device,
-                               "ClipVisual")
+        side = self._side_info(images, cam_label, view_label, self.cv_embed, self.conv1.weight.dtype)
         x = self.conv1(images).flatten(2).transpose(1, 2)
-        cls = self.class_embedding.expand(b, 1, -1)
-        if rows is not None:
-            cls = cls + self.sie_coef * self.cv_embed[rows].unsqueeze(1)
+        cls = self.class_embedding.expand(images.shape[0], 1, -1)
+        if side is not None:
+            cls = cls + side
         x = torch.cat([cls.to(x.dtype), x], dim=1) + self.positional_embedding.to(x.dtype)
         x = self.ln_post(self.forward_blocks(self.ln_pre(x)))
         return x @ self.proj if project else x

@@ -22,7 +22,9 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from reid_ms.backbones.clip import CLIP_NORM_EPS, ClipAttention, ResidualAttentionBlock
+from reid_ms._validate import positive_int
+from reid_ms.backbones._common import check_transformer
+from reid_ms.backbones.clip import CLIP_NORM_EPS, ClipAttention, ClipTransformer, ResidualAttentionBlock
 from reid_ms.errors import ConfigError, InputError
 
 logger = logging.getLogger("reid_ms.clip_text")
@@ -68,16 +70,12 @@ class CausalResidualAttentionBlock(ResidualAttentionBlock):
         self.attn = CausalClipAttention(width, heads)
 
 
-class TextTransformer(nn.Module):
+class TextTransformer(ClipTransformer):
     """The text blocks under CLIP's name ``transformer.resblocks``; plain module path, optional checkpointing."""
 
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0) -> None:
-        super().__init__()
-        self.width = width
-        self.layers = layers
+        super().__init__(width, layers, heads, mlp_ratio, block=CausalResidualAttentionBlock)
         self.grad_checkpointing = False
-        self.resblocks = nn.Sequential(*[CausalResidualAttentionBlock(width, heads, mlp_ratio)
-                                         for _ in range(layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, L, width]`` -> ``[B, L, width]``."""
@@ -106,31 +104,14 @@ class ClipText(nn.Module):
         mlp_ratio: hidden width of the MLP relative to ``width``.
     """
 
-    def __init__(
-        self,
-        context_length: int = 77,
-        vocab_size: int = 49408,
-        width: int = 512,
-        layers: int = 12,
-        heads: int = 8,
-        output_dim: int = 512,
-        mlp_ratio: float = 4.0,
-    ) -> None:
+    def __init__(self, context_length: int = 77, vocab_size: int = 49408, width: int = 512, layers: int = 12,
+                 heads: int = 8, output_dim: int = 512, mlp_ratio: float = 4.0) -> None:
         super().__init__()
-        for name, value in (("context_length", context_length), ("vocab_size", vocab_size), ("width", width),
-                            ("layers", layers), ("heads", heads), ("output_dim", output_dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"ClipText: {name} must be a positive int, got {value!r}")
-        if width % heads:
-            raise ConfigError(f"ClipText: width {width} is not divisible by heads {heads}; choose heads that "
-                              f"divide the width (CLIP ViT-B/16's text tower: width=512, heads=8)")
-        if mlp_ratio <= 0:
-            raise ConfigError(f"ClipText: mlp_ratio must be positive, got {mlp_ratio}")
-        self.context_length = context_length
-        self.vocab_size = vocab_size
-        self.width = width
-        self.layers = layers
-        self.heads = heads
+        check_transformer("ClipText", ("width", width), ("heads", heads), mlp_ratio,
+                          "CLIP ViT-B/16's text tower: width=512, heads=8", context_length=context_length,
+                          vocab_size=vocab_size, layers=layers, output_dim=output_dim)
+        self.context_length, self.vocab_size = context_length, vocab_size
+        self.width, self.layers, self.heads = width, layers, heads
         self.output_dim = self.out_dim = output_dim
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
@@ -139,22 +120,12 @@ class ClipText(nn.Module):
         self.text_projection = nn.Parameter(torch.empty(width, output_dim))
         self.init_weights()
 
-    @torch.no_grad()
     def init_weights(self) -> None:
         """CLIP's text-tower initialisation (OpenAI / open_clip standard deviations)."""
-        attn_std = self.width ** -0.5
-        proj_std = attn_std * (2 * self.layers) ** -0.5
-        fc_std = (2 * self.width) ** -0.5
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=attn_std)
-        for block in self.transformer.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-            nn.init.zeros_(block.attn.in_proj_bias)
-            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.zeros_(block.attn.out_proj.bias)
-            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=self.width ** -0.5)
+        self.transformer.init_weights()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""
@@ -238,16 +209,17 @@ class PromptLearner(nn.Module):
         token_ids: the tokenised template ``[1, context_length]`` (non-persistent buffer).
     """
 
+    token_ids: torch.Tensor
+    token_prefix: torch.Tensor
+    token_suffix: torch.Tensor
+
     def __init__(self, text: ClipText, num_classes: int, template: str = PERSON_TEMPLATE, n_ctx: int = 4) -> None:
         super().__init__()
         if not isinstance(text, ClipText):
             raise ConfigError(f"PromptLearner takes a reid_ms.ClipText, got {type(text).__name__}")
-        for name, value in (("num_classes", num_classes), ("n_ctx", n_ctx)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"PromptLearner: {name} must be a positive int, got {value!r}")
         self.text = text
-        self.num_classes = num_classes
-        self.n_ctx = n_ctx
+        self.num_classes = positive_int(num_classes, "num_classes", owner="PromptLearner")
+        self.n_ctx = positive_int(n_ctx, "n_ctx", owner="PromptLearner")
         self.template = template
         ids = text.tokenize(template)
         x_id = _tokenizer(text.context_length).encoder["x</w>"]

@@ -17,11 +17,9 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from reid_ms._validate import positive_int, real_number
-from reid_ms.backbones._common import BlockBackbone, Label, check_images, grid_size, pair, side_info_index, side_info_rows
-from reid_ms.errors import ConfigError
+from reid_ms._validate import real_number
+from reid_ms.backbones._common import BlockBackbone, Label, check_transformer, grid_size
 from reid_ms.kernels.attention import self_attention
-from reid_ms.kernels.blocks import BlockParams
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -55,13 +53,13 @@ class VitAttention(Attention):
                 and getattr(self, "gate", None) is None)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is None and not is_causal and self._plain():
-            x = self_attention(self.qkv(x), self.num_heads, self.attn_drop.p if self.training else 0.0)
-            norm = getattr(self, "norm", None)  # older timm versions have no output norm
-            return self.proj_drop(self.proj(x if norm is None else norm(x)))
-        # older timm versions take no mask arguments: pass them only when given
-        extra = {} if attn_mask is None and not is_causal else {"attn_mask": attn_mask, "is_causal": is_causal}
-        return super().forward(x, **extra)
+        if attn_mask is not None or is_causal:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if not self._plain():
+            return super().forward(x)  # older timm versions take no mask arguments: none passed when none given
+        x = self_attention(self.qkv(x), self.num_heads, self.attn_drop.p if self.training else 0.0)
+        norm = getattr(self, "norm", None)  # older timm versions have no output norm
+        return self.proj_drop(self.proj(x if norm is None else norm(x)))
 
 
 class VitTrans(BlockBackbone):
@@ -73,53 +71,22 @@ class VitTrans(BlockBackbone):
     :meth:`forward_blocks` (optionally stopping early) and ``norm``.
     """
 
-    def __init__(
-        self,
-        img_size: int | Sequence[int] = (256, 128),
-        patch_size: int | Sequence[int] = 16,
-        stride_size: int | Sequence[int] = 16,
-        *,
-        in_chans: int = 3,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        norm_eps: float = 1e-6,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.1,
-        camera_num: int = 0,
-        view_num: int = 0,
-        sie_coef: float = 3.0,
-    ) -> None:
-        super().__init__()
-        self.img_size = pair(img_size, "img_size")
-        self.patch_size = pair(patch_size, "patch_size")
-        self.stride_size = pair(stride_size, "stride_size")
-        for name, value in (("in_chans", in_chans), ("embed_dim", embed_dim), ("depth", depth),
-                            ("num_heads", num_heads)):
-            positive_int(value, name, owner="VitTrans")
-        if embed_dim % num_heads:
-            raise ConfigError(f"VitTrans: embed_dim={embed_dim} is not divisible by num_heads={num_heads}; "
-                              f"pick a head count that divides the width (ViT-B: 768 and 12)")
-        if real_number(mlp_ratio, "mlp_ratio", owner="VitTrans") <= 0:
-            raise ConfigError(f"VitTrans: mlp_ratio must be positive, got {mlp_ratio!r}")
+    def __init__(self, img_size: int | Sequence[int] = (256, 128), patch_size: int | Sequence[int] = 16,
+                 stride_size: int | Sequence[int] = 16, *, in_chans: int = 3, embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, norm_eps: float = 1e-6,
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
+                 camera_num: int = 0, view_num: int = 0, sie_coef: float = 3.0) -> None:
+        super().__init__(img_size, patch_size, stride_size, in_chans, camera_num, view_num, sie_coef)
+        check_transformer("VitTrans", ("embed_dim", embed_dim), ("num_heads", num_heads), mlp_ratio,
+                          "ViT-B: embed_dim=768, num_heads=12", depth=depth)
         for name, value in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
                             ("drop_path_rate", drop_path_rate)):
             real_number(value, name, low=0.0, high=1.0, high_open=True, owner="VitTrans")
-        rows = side_info_rows(camera_num, view_num)
-        self.in_chans = in_chans
         self.embed_dim = self.out_dim = embed_dim
-        self.camera_num, self.view_num = camera_num, view_num
-        self.sie_coef = real_number(sie_coef, "sie_coef", owner="VitTrans")
-
         self.patch_embed = OverlapPatchEmbed(self.img_size, self.patch_size, self.stride_size, in_chans, embed_dim)
-        self.grid_size = self.patch_embed.grid_size
-        self.num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim))
-        self.sie_embed = nn.Parameter(torch.zeros(rows, 1, embed_dim)) if rows else None
+        self.sie_embed = nn.Parameter(torch.zeros(self.table_rows, 1, embed_dim)) if self.table_rows else None
         self.pos_drop = nn.Dropout(drop_rate)
 
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
@@ -127,7 +94,8 @@ class VitTrans(BlockBackbone):
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
-                  attn_drop=attn_drop_rate, drop_path=dpr[i], act_layer=nn.GELU, norm_layer=norm_layer,
+                  attn_drop=attn_drop_rate, drop_path=dpr[i], act_layer=nn.GELU,
+                  norm_layer=norm_layer,  # type: ignore[arg-type]  # timm annotates a class, calls any factory
                   attn_layer=VitAttention)
             for i in range(depth)
         ])
@@ -157,28 +125,20 @@ class VitTrans(BlockBackbone):
         """Parameter names that optimisers should not decay (timm's convention)."""
         return {"pos_embed", "cls_token", "sie_embed"}
 
+    block_fields = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+                    "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",
+                    "mlp.fc2.bias", "norm1.eps")
+
     def block_stack(self) -> nn.Sequential:
         return self.blocks
 
-    def block_params(self, block: nn.Module) -> BlockParams:
-        attn, mlp = block.attn, block.mlp
-        return BlockParams(block.norm1.weight, block.norm1.bias, attn.qkv.weight, attn.qkv.bias, attn.proj.weight,
-                           attn.proj.bias, block.norm2.weight, block.norm2.bias, mlp.fc1.weight, mlp.fc1.bias,
-                           mlp.fc2.weight, mlp.fc2.bias, block.norm1.eps)
-
-    def block_heads(self, block: nn.Module) -> int:
-        return block.attn.num_heads
-
     def embed(self, images: torch.Tensor, cam_label: Label = None, view_label: Label = None) -> torch.Tensor:
         """Images ``[B, C, img_h, img_w]`` -> tokens before the blocks ``[B, 1 + H*W, D]``, CLS first."""
-        check_images(images, self.in_chans, self.img_size, "VitTrans", self.patch_embed.proj.weight.dtype)
-        row = side_info_index(cam_label, view_label, self.camera_num, self.view_num, images.shape[0],
-                              images.device, "VitTrans")
+        side = self._side_info(images, cam_label, view_label, self.sie_embed, self.patch_embed.proj.weight.dtype)
         x = self.patch_embed(images)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
-        if row is not None:
-            # [B, 1, D] broadcast over the tokens: the same camera/view vector on CLS and every patch.
-            x = x + self.sie_coef * self.sie_embed[row]
+        if side is not None:
+            x = x + side  # [B, 1, D] broadcast: the same camera/view vector on CLS and every patch
         return self.pos_drop(x)
 
     def forward_features(self, images: torch.Tensor, cam_label: Label = None,

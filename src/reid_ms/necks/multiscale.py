@@ -37,6 +37,7 @@ from reid_ms.errors import ConfigError, InputError
 from reid_ms.kernels.blocks import linear_onednn
 
 MODES = ("dense", "light")
+Windows = list[tuple[int, torch.Tensor, torch.Tensor]]  # (s, weight, bias) of each scale's window
 
 
 def _check_scales(scales: Sequence[int]) -> tuple[int, ...]:
@@ -126,15 +127,17 @@ class MultiScaleSlidingWindow(nn.Module):
 
     def reset_parameters(self) -> None:
         """Zero the layer writing into the CLS (see the class docstring); default init elsewhere."""
-        if self.mode == "dense":
-            for window in self.windows:
-                nn.init.zeros_(window.weight)
-                nn.init.zeros_(window.bias)
-        else:
-            for window in self.windows:
-                window.reset_parameters()
-            nn.init.zeros_(self.pointwise.weight)
-            nn.init.zeros_(self.pointwise.bias)
+        if self.pointwise is not None:
+            for window in self.windows.modules():
+                if isinstance(window, nn.Conv2d):
+                    window.reset_parameters()
+        for param in (self.windows if self.pointwise is None else self.pointwise).parameters():
+            nn.init.zeros_(param)
+
+    def _windows(self) -> Windows:
+        """Weight ``[D, D, s, s]`` (light: ``[D, 1, s, s]``) and bias ``[D]`` of each scale's window."""
+        return [(s, self.windows.get_parameter(f"{i}.weight"), self.windows.get_parameter(f"{i}.bias"))
+                for i, s in enumerate(self.scales)]
 
     def _check(self, tokens: torch.Tensor, grid_size: Sequence[int]) -> tuple[int, int]:
         h, w = _check_grid(grid_size, type(self).__name__)
@@ -157,12 +160,15 @@ class MultiScaleSlidingWindow(nn.Module):
         in light mode the shared pointwise projection of that mean.
         """
         h, w = self._check(tokens, grid_size)
-        patches = tokens[:, 1:]
-        if self.mode == "dense":
-            return self._dense_context(rearrange(patches, "b (h w) d -> b h w d", h=h), h, w)
-        return self.pointwise(self._depthwise_context(patches, h, w))
+        patches, windows = tokens[:, 1:], self._windows()
+        bias = torch.stack([bias for _, _, bias in windows]).sum(0)
+        if self.pointwise is None:
+            grid = rearrange(patches, "b (h w) d -> b h w d", h=h)
+            return (self._dense_context(grid, windows, h, w) + bias) / len(windows)
+        return self.pointwise((self._depthwise_context(patches, windows, h, w) + bias) / len(windows))
 
-    def _dense_context(self, grid: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    @staticmethod
+    def _dense_context(grid: torch.Tensor, windows: Windows, h: int, w: int) -> torch.Tensor:
         # The weights are large, the grid small: pool the grid into one [s, s] tile map per scale and read
         # each weight once, as [D_out, D_in * s * s]; the small tile map is permuted to the weight's
         # (d, p, q) order, never the weight. weight @ tiles [K, B] streams the weight (x @ weight.T runs at
@@ -170,31 +176,27 @@ class MultiScaleSlidingWindow(nn.Module):
         # the weight at memory speed, faster than addmm at small batches (which has the derivative training
         # needs).
         b, d = grid.shape[0], grid.shape[3]
-        onednn = fused_kernels_reason(grid, self.windows[0].weight) is None
-        acc = 0 if onednn else grid.new_zeros(d, b)
-        for window, s in zip(self.windows, self.scales):
-            weight, count = window.weight.reshape(d, d * s * s), window_count(h, w, s)
+        onednn = fused_kernels_reason(grid, windows[0][1]) is None
+        acc = grid.new_zeros(b, d) if onednn else grid.new_zeros(d, b)
+        for s, weight, _ in windows:
+            weight, count = weight.reshape(d, d * s * s), window_count(h, w, s)
             if onednn:
                 tiles = tile_sum(grid, s).div_(count).permute(0, 3, 1, 2).reshape(b, d * s * s)
                 acc = acc + linear_onednn(tiles, weight, None)
             else:
                 tiles = tile_sum(grid, s).permute(3, 1, 2, 0).reshape(d * s * s, b)
                 acc = torch.addmm(acc, weight, tiles, alpha=1 / count)
-        bias = torch.stack([window.bias for window in self.windows]).sum(0)
-        return ((acc if onednn else acc.t()) + bias) / len(self.scales)
+        return acc if onednn else acc.t()
 
-    def _depthwise_context(self, patches: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    @staticmethod
+    def _depthwise_context(patches: torch.Tensor, windows: Windows, h: int, w: int) -> torch.Tensor:
         # The weights are small, the grid large: spread each window's weights over the grid instead (each
         # patch takes the weight of its position inside its window, divided by the window count), sum the
         # scales' maps into one [H*W, D] map and apply it with a single product and sum.
         d = patches.shape[2]
-        weight = 0
-        for window, s in zip(self.windows, self.scales):
-            per_position = window.weight.reshape(d, s * s).t()  # [s*s, D]
-            position = tile_position(h, w, s, patches.device)
-            weight = weight + per_position.index_select(0, position) / window_count(h, w, s)
-        bias = torch.stack([window.bias for window in self.windows]).sum(0)
-        return ((patches * weight).sum(1) + bias) / len(self.scales)
+        weight = sum(weight.reshape(d, s * s).t().index_select(0, tile_position(h, w, s, patches.device))
+                     / window_count(h, w, s) for s, weight, _ in windows)  # [H*W, D]
+        return (patches * weight).sum(1)
 
     def forward(self, tokens: torch.Tensor, grid_size: Sequence[int]) -> torch.Tensor:
         """``[B, 1 + H*W, D] -> [B, 1 + H*W, D]``: CLS plus :meth:`context`; patch tokens returned as is."""
