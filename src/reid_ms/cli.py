@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from reid_ms.data import ReidImageFolder
+    from reid_ms.models import BuiltModel
 
 _logger = logging.getLogger("reid_ms.cli")
 
@@ -219,7 +220,7 @@ def _check_model_fits(name: str, kwargs: dict[str, Any], device: str) -> None:
                           f"{device} for its weights alone; check the sizes (img_size, depth, widths)") from None
 
 
-def _build_model(args: argparse.Namespace) -> nn.Module:
+def _build_model(args: argparse.Namespace) -> BuiltModel:
     """The model named on the command line, in eval mode, on ``args.device``.
 
     Argument types, the device and the memory the weights need are checked before anything is allocated.
@@ -271,7 +272,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _settings(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
+def _settings(args: argparse.Namespace, model: BuiltModel) -> dict[str, Any]:
     """Everything that changes the features; a resumed extraction must match it exactly."""
     weights = _weights_path(args.weights)
     build = {f"build.{k}": list(v) if isinstance(v, tuple) else v for k, v in _build_kwargs(args).items()}
@@ -492,7 +493,7 @@ def _drop_junk(feats: np.ndarray, pids: np.ndarray, camids: np.ndarray, what: st
     return feats[keep], pids[keep], camids[keep]
 
 
-def _features_from_dir(args: argparse.Namespace, model: nn.Module, folder: str, what: str) -> Features:
+def _features_from_dir(args: argparse.Namespace, model: BuiltModel, folder: str, what: str) -> Features:
     import numpy as np
 
     from reid_ms.data import ReidImageFolder
@@ -550,31 +551,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"mAP      {100 * result.mAP:6.2f}%")
     print(f"mINP     {100 * result.mINP:6.2f}%")
     if args.show_ranks:
-        _show_ranks(args, qf, gf, q_pids, g_pids, q_cams, g_cams)
+        _show_ranks(args, (qf, q_pids, q_cams), (gf, g_pids, g_cams))
     return 0
 
 
-def _show_ranks(args: argparse.Namespace, qf: np.ndarray, gf: np.ndarray, *labels: np.ndarray) -> None:
+def _show_ranks(args: argparse.Namespace, query: Features, gallery: Features) -> None:
     import torch
 
     from reid_ms.data import JUNK_PID, list_images, parse_market_name
-    from reid_ms.metrics import re_ranking
+    from reid_ms.metrics import TRANSREID_RERANK, re_ranking
     from reid_ms.visualize import show_ranks
 
-    paths = [[p for p in list_images(folder) if parse_market_name(p)[0] != JUNK_PID]
-             for folder in (args.query, args.gallery)]
-    q, g = torch.from_numpy(qf), torch.from_numpy(gf)
+    q_paths, g_paths = ([p for p in list_images(folder) if parse_market_name(p)[0] != JUNK_PID]
+                        for folder in (args.query, args.gallery))
+    q, g = torch.from_numpy(query[0]), torch.from_numpy(gallery[0])
+    if args.metric == "cosine":
+        q, g = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(g, dim=1)
     if args.rerank:
-        if args.metric == "cosine":
-            q, g = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(g, dim=1)
-        dist = re_ranking(q, g, **reid_ms.metrics.TRANSREID_RERANK)
-    elif args.metric == "cosine":
-        dist = 1.0 - torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(g, dim=1).T
+        dist = re_ranking(q, g, **TRANSREID_RERANK)
     else:
-        dist = torch.cdist(q, g)
+        dist = 1.0 - q @ g.T if args.metric == "cosine" else torch.cdist(q, g)
     out = Path(args.out or "ranks.png")
-    show_ranks(dist, *paths, *labels, k=args.show_ranks, num_queries=args.num_queries, out=out)
-    print(f"wrote the top-{args.show_ranks} ranked lists of {min(args.num_queries, len(qf))} queries to {out}")
+    show_ranks(dist, q_paths, g_paths, query[1], gallery[1], query[2], gallery[2], k=args.show_ranks,
+               num_queries=args.num_queries, out=out)
+    print(f"wrote the top-{args.show_ranks} ranked lists of {min(args.num_queries, len(q))} queries to {out}")
 
 
 # -- list / info ----------------------------------------------------------------------------------
@@ -601,6 +601,7 @@ def _count(module: Optional[nn.Module]) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from reid_ms.export import call_args, example_inputs
     from reid_ms.flops import count_flops
+    from reid_ms.models import JPMReIDModel
 
     model = _build_model(args)
     backbone = model.backbone
@@ -616,7 +617,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
           f"stride {backbone.stride_size[0]}x{backbone.stride_size[1]}"
           f"{', one image per modality' if multimodal else ''}")
     print(f"grid         {grid[0]} x {grid[1]} = {grid[0] * grid[1]} patches (+1 CLS)")
-    jpm = model.parts().get("jpm branches")
+    jpm = model.jpm if isinstance(model, JPMReIDModel) else None
     if jpm is not None:
         what = f"global + {jpm.divide_length} local branches x {backbone.out_dim}, {model.head.neck_feat} the BNNecks"
     elif multimodal:
