@@ -85,11 +85,8 @@ def _params(cls: Any, exclude: tuple[str, ...] = ()) -> list[str]:
 
 def _part_args(spec: ModelSpec) -> dict[str, list[str]]:
     """The overridable arguments of each part of ``spec``, including parts it lacks (for messages)."""
-    parts = {
-        "backbone": _params(spec.backbone),
-        "adapter": list(ADAPTER_ARGS),
-        "neck": _params(MultiScaleSlidingWindow, exclude=("feat_dim",)),
-    }
+    parts = {"backbone": _params(spec.backbone), "adapter": list(ADAPTER_ARGS),
+             "neck": _params(MultiScaleSlidingWindow, exclude=("feat_dim",))}
     if spec.model is None:
         parts["head"] = _params(BNNeckHead, exclude=("feat_dim",))
     else:
@@ -175,8 +172,7 @@ def _route(name: str, spec: ModelSpec, overrides: Mapping[str, Any]) -> dict[str
     return routed
 
 
-def build(name: str, pretrained: str | os.PathLike | None = None,
-          **overrides: Any) -> BuiltModel:
+def build(name: str, pretrained: str | os.PathLike | None = None, **overrides: Any) -> BuiltModel:
     """Build the registered model ``name`` (see :func:`list_models`).
 
     Args:
