@@ -511,10 +511,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         qf = query_expansion(qf, gf, k=args.aqe).numpy()
     result = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=args.metric, rerank=args.rerank)
     print(f"queries {result.num_valid_queries} valid of {len(qf)}, gallery {len(gf)}, metric {args.metric}")
-    for k in REPORTED_RANKS:
-        print(f"Rank-{k:<3d} {100 * result.rank(k):6.2f}%")
-    print(f"mAP      {100 * result.mAP:6.2f}%")
-    print(f"mINP     {100 * result.mINP:6.2f}%")
+    for what, score in [*((f"Rank-{k}", result.rank(k)) for k in REPORTED_RANKS), ("mAP", result.mAP),
+                        ("mINP", result.mINP)]:
+        print(f"{what:<8} {100 * score:6.2f}%")
     if args.show_ranks:
         _show_ranks(args, (qf, q_pids, q_cams), (gf, g_pids, g_cams))
     return 0
