@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import argparse
 import ast
-import collections.abc
 import hashlib
 import json
 import logging
 import os
 import sys
-import tempfile
 import types
 import typing
 import zipfile
@@ -48,6 +46,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from reid_ms.data import ReidImageFolder
+    from reid_ms.models import BuiltModel
 
 _logger = logging.getLogger("reid_ms.cli")
 
@@ -85,12 +84,9 @@ def _build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _weights_path(weights: Optional[str]) -> Optional[Path]:
-    if weights is None:
-        return None
-    path = Path(weights)
-    if not path.is_file():
+    if weights is not None and not Path(weights).is_file():
         raise CheckpointNotFoundError(f"--weights {weights!r} does not exist or is not a file")
-    return path
+    return None if weights is None else Path(weights)
 
 
 def _annotations(name: str) -> dict[str, Any]:
@@ -118,7 +114,7 @@ def _fits(value: Any, hint: Any) -> bool:
         return any(_fits(value, arg) for arg in args)
     if origin is typing.Literal:
         return value in args
-    if origin in (tuple, list, collections.abc.Sequence):
+    if origin in (tuple, list, Sequence):
         return isinstance(value, (tuple, list)) and all(_fits(v, args[0]) for v in value)
     if hint in (int, float) and isinstance(value, bool):
         return False
@@ -219,7 +215,7 @@ def _check_model_fits(name: str, kwargs: dict[str, Any], device: str) -> None:
                           f"{device} for its weights alone; check the sizes (img_size, depth, widths)") from None
 
 
-def _build_model(args: argparse.Namespace) -> nn.Module:
+def _build_model(args: argparse.Namespace) -> BuiltModel:
     """The model named on the command line, in eval mode, on ``args.device``.
 
     Argument types, the device and the memory the weights need are checked before anything is allocated.
@@ -271,30 +267,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _settings(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
+def _settings(args: argparse.Namespace, model: BuiltModel) -> dict[str, Any]:
     """Everything that changes the features; a resumed extraction must match it exactly."""
     weights = _weights_path(args.weights)
     build = {f"build.{k}": list(v) if isinstance(v, tuple) else v for k, v in _build_kwargs(args).items()}
-    return {
-        "model": args.name,
-        **build,
-        "weights_sha256": None if weights is None else _sha256(weights),
-        "seed": args.seed,                           # parts a checkpoint lacks keep their seeded init
-        "img_size": list(model.backbone.img_size),
-        "mean": list(_input_config(args, model)["mean"]),
-        "std": list(_input_config(args, model)["std"]),
-    }
+    cfg = _input_config(args, model)
+    return {"model": args.name, **build, "weights_sha256": None if weights is None else _sha256(weights),
+            "seed": args.seed,                       # parts a checkpoint lacks keep their seeded init
+            "img_size": list(model.backbone.img_size), "mean": list(cfg["mean"]), "std": list(cfg["std"])}
 
 
 def _input_config(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
     """The model's own input config (``model.pretrained_cfg``), with ``--mean`` / ``--std`` when given."""
     from reid_ms.preprocess import model_input_config
 
-    cfg = model_input_config(model)
-    for key in ("mean", "std"):
-        if getattr(args, key) is not None:
-            cfg[key] = tuple(getattr(args, key))
-    return cfg
+    given = {key: tuple(getattr(args, key)) for key in ("mean", "std") if getattr(args, key) is not None}
+    return {**model_input_config(model), **given}
 
 
 # -- feature extraction ---------------------------------------------------------------------------
@@ -334,25 +322,6 @@ def extract_features(
     return out
 
 
-def _save_npz(path: Path, **arrays: Any) -> None:
-    """Write ``arrays`` to ``path`` atomically: a reader sees the old file or the new one, never half."""
-    import numpy as np
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    # mkstemp creates the file 0600; give it the permissions an ordinary open() would (0666 less umask)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 # What 'reid-ms extract' writes: feats [N, D] float32; pids, camids, paths [N]; the settings record (JSON);
 # num_images, the folder's image count, so that a file saved part-way (N < num_images) is known as partial.
 FEATURE_KEYS = ("feats", "pids", "camids", "paths", "settings", "num_images")
@@ -365,22 +334,19 @@ def _read_features(path: Path, need_ids: bool = True) -> dict[str, Any]:
     where = repr(str(path))
     try:
         with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in FEATURE_KEYS if k not in data.files]
-            if not need_ids and "feats" in data.files and set(missing) <= {"pids", "camids"}:
-                missing = []              # an extraction of any file names: features and paths only
-            elif set(missing) <= {"pids", "camids"} and "feats" in data.files and missing:
-                raise InputError(f"{str(path)!r} has no person and camera ids (its images were not named "
-                                 f"'<pid>_c<camera>...'); evaluation needs them")
-            if missing:
-                raise InputError(f"{where} lacks {missing}; it was not written by this version of 'reid-ms "
-                                 f"extract': extract the features again (--overwrite replaces the file)")
             arrays = {k: data[k] for k in FEATURE_KEYS if k in data.files}
-            for k in ("pids", "camids"):  # placeholders: resuming recomputes ids from the names
-                arrays.setdefault(k, np.zeros(len(arrays["feats"]), dtype=np.int64))
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        if isinstance(exc, InputError):
-            raise
         raise InputError(f"cannot read features file {where}: {exc}") from exc
+    missing = [k for k in FEATURE_KEYS if k not in arrays]
+    if missing and "feats" in arrays and set(missing) <= {"pids", "camids"}:   # any file names: no ids
+        if need_ids:
+            raise InputError(f"{where} has no person and camera ids (its images were not named "
+                             f"'<pid>_c<camera>...'); evaluation needs them")
+        for k in missing:                 # placeholders: resuming recomputes ids from the names
+            arrays[k] = np.zeros(arrays["feats"].shape[:1], dtype=np.int64)
+    elif missing:
+        raise InputError(f"{where} lacks {missing}; it was not written by this version of 'reid-ms "
+                         f"extract': extract the features again (--overwrite replaces the file)")
     feats, rows = arrays["feats"], len(arrays["feats"]) if arrays["feats"].ndim else 0
     problems = [] if feats.ndim == 2 and feats.dtype.kind == "f" else [
         f"feats is {feats.dtype} {feats.shape}, not [N, D] float"]
@@ -412,6 +378,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     from reid_ms.data import ReidImageFolder, list_images, parse_market_name
     from reid_ms.preprocess import image_transform
+    from reid_ms.training.checkpoint import atomic_write
 
     if args.batch_size < 1 or args.save_every < 1:
         raise ConfigError(f"--batch-size and --save-every must be >= 1, got {args.batch_size} and {args.save_every}")
@@ -447,15 +414,14 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     def save() -> None:
         kept = [n for n in names if n in done]
-        feats = np.stack([done[n] for n in kept]) if kept else np.zeros((0, model.feat_dim), np.float32)
-        arrays = {}
+        arrays: dict[str, Any] = {  # Any: np.savez's keywords include a bool, allow_pickle
+            "feats": np.stack([done[n] for n in kept]) if kept else np.zeros((0, model.feat_dim), np.float32),
+            "paths": np.array(kept, dtype=np.str_), "num_images": np.array(len(names), dtype=np.int64),
+            "settings": np.array(json.dumps(settings, sort_keys=True))}
         if ids is not None:
-            kept_ids = [parse_market_name(n) for n in kept]
-            arrays = dict(pids=np.array([p for p, _ in kept_ids], dtype=np.int64).reshape(-1),
-                          camids=np.array([c for _, c in kept_ids], dtype=np.int64).reshape(-1))
-        _save_npz(out, feats=feats, **arrays, paths=np.array(kept, dtype=np.str_),
-                  settings=np.array(json.dumps(settings, sort_keys=True)),
-                  num_images=np.array(len(names), dtype=np.int64))
+            kept_ids = np.array([parse_market_name(n) for n in kept], dtype=np.int64).reshape(-1, 2)
+            arrays.update(pids=kept_ids[:, 0], camids=kept_ids[:, 1])
+        atomic_write(out, lambda f: np.savez(f, **arrays))  # a reader sees the old file or the new one, never half
 
     if todo:
         dataset = ReidImageFolder(args.images, image_transform(_input_config(args, model)), todo, ids=ids is not None)
@@ -492,7 +458,7 @@ def _drop_junk(feats: np.ndarray, pids: np.ndarray, camids: np.ndarray, what: st
     return feats[keep], pids[keep], camids[keep]
 
 
-def _features_from_dir(args: argparse.Namespace, model: nn.Module, folder: str, what: str) -> Features:
+def _features_from_dir(args: argparse.Namespace, model: BuiltModel, folder: str, what: str) -> Features:
     import numpy as np
 
     from reid_ms.data import ReidImageFolder
@@ -514,6 +480,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if from_files == from_dirs:
         raise ConfigError("give either --query-feats and --gallery-feats (files from 'reid-ms extract'), or "
                           "--query and --gallery image folders with a model NAME")
+    if args.show_ranks and not from_dirs:
+        raise ConfigError("--show-ranks draws the images, so it needs --query and --gallery image folders with NAME")
+    if args.aqe and args.metric != "cosine":
+        raise ConfigError("--aqe (average query expansion) works on cosine similarity; drop --metric euclidean")
     if from_files:
         if args.query_feats is None or args.gallery_feats is None:
             raise ConfigError("--query-feats and --gallery-feats go together; give both")
@@ -536,61 +506,52 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         model = _build_model(args)
         sets = [_features_from_dir(args, model, folder, what)
                 for folder, what in ((args.query, "query"), (args.gallery, "gallery"))]
-    if args.show_ranks and not from_dirs:
-        raise ConfigError("--show-ranks draws the images, so it needs --query and --gallery image folders with NAME")
     (qf, q_pids, q_cams), (gf, g_pids, g_cams) = (_drop_junk(*s, what) for s, what in zip(sets, ("query", "gallery")))
     if args.aqe:
-        if args.metric != "cosine":
-            raise ConfigError("--aqe (average query expansion) works on cosine similarity; drop --metric euclidean")
         qf = query_expansion(qf, gf, k=args.aqe).numpy()
     result = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=args.metric, rerank=args.rerank)
     print(f"queries {result.num_valid_queries} valid of {len(qf)}, gallery {len(gf)}, metric {args.metric}")
-    for k in REPORTED_RANKS:
-        print(f"Rank-{k:<3d} {100 * result.rank(k):6.2f}%")
-    print(f"mAP      {100 * result.mAP:6.2f}%")
-    print(f"mINP     {100 * result.mINP:6.2f}%")
+    for what, score in [*((f"Rank-{k}", result.rank(k)) for k in REPORTED_RANKS), ("mAP", result.mAP),
+                        ("mINP", result.mINP)]:
+        print(f"{what:<8} {100 * score:6.2f}%")
     if args.show_ranks:
-        _show_ranks(args, qf, gf, q_pids, g_pids, q_cams, g_cams)
+        _show_ranks(args, (qf, q_pids, q_cams), (gf, g_pids, g_cams))
     return 0
 
 
-def _show_ranks(args: argparse.Namespace, qf: np.ndarray, gf: np.ndarray, *labels: np.ndarray) -> None:
+def _show_ranks(args: argparse.Namespace, query: Features, gallery: Features) -> None:
     import torch
 
     from reid_ms.data import JUNK_PID, list_images, parse_market_name
-    from reid_ms.metrics import re_ranking
+    from reid_ms.metrics import TRANSREID_RERANK, re_ranking
     from reid_ms.visualize import show_ranks
 
-    paths = [[p for p in list_images(folder) if parse_market_name(p)[0] != JUNK_PID]
-             for folder in (args.query, args.gallery)]
-    q, g = torch.from_numpy(qf), torch.from_numpy(gf)
+    q_paths, g_paths = ([p for p in list_images(folder) if parse_market_name(p)[0] != JUNK_PID]
+                        for folder in (args.query, args.gallery))
+    q, g = torch.from_numpy(query[0]), torch.from_numpy(gallery[0])
+    if args.metric == "cosine":
+        q, g = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(g, dim=1)
     if args.rerank:
-        if args.metric == "cosine":
-            q, g = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(g, dim=1)
-        dist = re_ranking(q, g, **reid_ms.metrics.TRANSREID_RERANK)
-    elif args.metric == "cosine":
-        dist = 1.0 - torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(g, dim=1).T
+        dist = re_ranking(q, g, **TRANSREID_RERANK)
     else:
-        dist = torch.cdist(q, g)
+        dist = 1.0 - q @ g.T if args.metric == "cosine" else torch.cdist(q, g)
     out = Path(args.out or "ranks.png")
-    show_ranks(dist, *paths, *labels, k=args.show_ranks, num_queries=args.num_queries, out=out)
-    print(f"wrote the top-{args.show_ranks} ranked lists of {min(args.num_queries, len(qf))} queries to {out}")
+    show_ranks(dist, q_paths, g_paths, query[1], gallery[1], query[2], gallery[2], k=args.show_ranks,
+               num_queries=args.num_queries, out=out)
+    print(f"wrote the top-{args.show_ranks} ranked lists of {min(args.num_queries, len(q))} queries to {out}")
 
 
 # -- list / info ----------------------------------------------------------------------------------
 
 # The registered models, so that 'list' answers without importing torch; tests keep it equal to
 # reid_ms.list_models().
-MODEL_NAMES = (
-    "clip_b16", "clip_b16_adapt_ms", "clip_b16_adapt_ms_light", "clip_b16_ms", "clip_b16_ms_light",
-    "clip_b16_ms_rgbnt", "vit_b16", "vit_b16_jpm", "vit_b16_ms", "vit_b16_ms_jpm", "vit_b16_ms_light",
-    "vit_b16_ms_rgbnt",
-)
+MODEL_NAMES = ("clip_b16", "clip_b16_adapt_ms", "clip_b16_adapt_ms_light", "clip_b16_ms", "clip_b16_ms_light",
+               "clip_b16_ms_rgbnt", "vit_b16", "vit_b16_jpm", "vit_b16_ms", "vit_b16_ms_jpm", "vit_b16_ms_light",
+               "vit_b16_ms_rgbnt")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    for name in MODEL_NAMES:
-        print(name)
+    print(*MODEL_NAMES, sep="\n")
     return 0
 
 
@@ -599,15 +560,13 @@ def _count(module: Optional[nn.Module]) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from reid_ms.export import call_args, example_inputs
     from reid_ms.flops import count_flops
+    from reid_ms.models import JPMReIDModel
 
     model = _build_model(args)
-    backbone = model.backbone
-    call, labels = call_args(model, example_inputs(model, batch=1))
+    backbone, neck, grid = model.backbone, model.neck, model.grid_size
+    call, labels = model.call_args(model.example_inputs(batch=1))
     flops = count_flops(model, *call, **labels)
-    grid = model.grid_size
-    neck = model.neck
     parts = [type(m).__name__ for name, m in model.parts().items() if name != "head" and m is not None]
     multimodal = model.image_names != ("images",)
     shared = f", shared by {', '.join(model.image_names)}" if multimodal else ""
@@ -616,13 +575,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
           f"stride {backbone.stride_size[0]}x{backbone.stride_size[1]}"
           f"{', one image per modality' if multimodal else ''}")
     print(f"grid         {grid[0]} x {grid[1]} = {grid[0] * grid[1]} patches (+1 CLS)")
-    jpm = model.parts().get("jpm branches")
+    jpm = model.jpm if isinstance(model, JPMReIDModel) else None
+    what = f"{model.head.neck_feat} the BNNeck"
     if jpm is not None:
-        what = f"global + {jpm.divide_length} local branches x {backbone.out_dim}, {model.head.neck_feat} the BNNecks"
+        what = f"global + {jpm.divide_length} local branches x {backbone.out_dim}, {what}s"
     elif multimodal:
-        what = f"{len(model.image_names)} modalities x {backbone.out_dim}, {model.head.neck_feat} the BNNeck"
-    else:
-        what = f"{model.head.neck_feat} the BNNeck"
+        what = f"{len(model.image_names)} modalities x {backbone.out_dim}, {what}"
     print(f"tokens       {backbone.out_dim} wide; feature {model.feat_dim} wide ({what})")
     if jpm is not None:
         print(f"jpm          shift {jpm.shift_num}, shuffle groups {jpm.shuffle_groups}, "
@@ -665,29 +623,94 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from reid_ms.training import train
 
-    result = train(args.name, dataset=args.dataset, root=args.root, out=args.out, pretrained=args.pretrained,
-                   recipe=args.recipe, epochs=args.epochs, batch_size=args.batch_size,
-                   num_instances=args.num_instances, img_size=args.img_size, overrides=_parse_set(args.set),
-                   eval_every=args.eval_every, eval_first=args.eval_first, workers=args.workers, seed=args.seed,
-                   resume=args.resume, device=args.device, amp=args.amp,
-                   grad_checkpointing=args.grad_checkpointing, progress=not args.quiet)
-    scores = [r for r in result.history if r.get("mAP") is not None]
-    if scores:
-        last = scores[-1]
+    # the train parser's options are named as train()'s keywords
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "quiet", "set")}
+    result = train(**options, overrides=_parse_set(args.set), progress=not args.quiet)
+    last = next((r for r in reversed(result.history) if r.get("mAP") is not None), None)
+    if last is not None:
         print(f"epoch {last['epoch']}: mAP {100 * last['mAP']:.2f}%, rank-1 {100 * last['rank1']:.2f}%")
     print(f"wrote {result.checkpoint}, {result.out / 'metrics.jsonl'} and {result.out / 'config.json'}")
     return 0
 
 
+# -- argument parsing -----------------------------------------------------------------------------
+
 # reid_ms.training's DATASETS, RECIPES and AMP_DTYPES, spelled out so that the parser needs no torch (tested equal)
 TRAIN_DATASETS = ("market1501", "dukemtmc", "msmt17", "occ_duke", "veri", "rgbnt201", "folder")
 TRAIN_RECIPES = ("transreid", "clipreid")
 TRAIN_AMP = ("bf16", "fp16")
+NAME_HELP = "a registered model (see 'reid-ms list')"
 
 
-def _add_train_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reid-ms", description="Re-ID backbones and necks: inspect, extract, "
+                                     "evaluate, export.")
+    parser.add_argument("--version", action="version", version=f"reid-ms {reid_ms.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # the options several commands share, as parent parsers
+    common, model, weights, data = (argparse.ArgumentParser(add_help=False) for _ in range(4))
+    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    model.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the model's)")
+    model.add_argument("--stride", type=int, help="patch stride, e.g. 16 or 12 (default: the model's)")
+    model.add_argument("--camera-num", type=int, help="cameras of the camera embedding (SIE); 0 for none")
+    model.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other keyword of reid_ms.build, e.g. --set depth=2 --set embed_dim=64 (repeatable)")
+    model.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default 0)")
+    model.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    weights.add_argument("--weights", help="a local checkpoint; without it the model is randomly initialised")
+    data.add_argument("--batch-size", type=int, default=64)
+    data.add_argument("--workers", type=int, default=0, help="image-loading processes (default 0: in-process)")
+    data.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"),
+                      help="normalisation mean (default: the model's, model.pretrained_cfg)")
+    data.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"),
+                      help="normalisation std (default: the model's)")
+
+    sub.add_parser("list", parents=[common], help="names of the registered models").set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("info", parents=[common, model], help="parameters, FLOPs, grid and widths of a model")
+    p.add_argument("name", metavar="NAME", help=NAME_HELP)
+    p.set_defaults(func=_cmd_info, weights=None)
+
+    p = sub.add_parser("extract", parents=[common, model, weights, data],
+                       help="features of a folder of images, to .npz")
+    p.add_argument("name", metavar="NAME", help=NAME_HELP)
+    p.add_argument("--images", required=True, help="folder of images (any names; ids and cameras are read from "
+                   "Market-1501 names <pid>_c<camera>... when all files have them, as 'eval' needs)")
+    p.add_argument("--out", required=True, help=".npz with feats, paths (and pids, camids) (resumed if it exists)")
+    p.add_argument("--save-every", type=int, default=20, help="save progress every N batches (default 20)")
+    p.add_argument("--overwrite", action="store_true", help="start over even if --out exists")
+    p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("eval", parents=[common, model, weights, data],
+                       help="CMC rank-1/5/10, mAP and mINP (Market-1501 protocol)")
+    p.add_argument("name", metavar="NAME", nargs="?", help="a registered model (with --query/--gallery)")
+    p.add_argument("--query-feats", help="query .npz written by 'reid-ms extract'")
+    p.add_argument("--gallery-feats", help="gallery .npz written by 'reid-ms extract'")
+    p.add_argument("--query", help="query image folder (with NAME)")
+    p.add_argument("--gallery", help="gallery image folder (with NAME)")
+    p.add_argument("--metric", default="cosine", help="cosine (default) or euclidean")
+    p.add_argument("--rerank", action="store_true",
+                   help="k-reciprocal re-ranking with TransReID's evaluation setting (k1=50, k2=15, lambda=0.3)")
+    p.add_argument("--aqe", type=int, default=0, metavar="K",
+                   help="average query expansion with the K nearest gallery features (cosine; default off)")
+    p.add_argument("--show-ranks", type=int, default=0, metavar="K",
+                   help="draw each query with its top-K gallery crops (green right, red wrong) to --out")
+    p.add_argument("--num-queries", type=int, default=8, help="queries drawn by --show-ranks (default 8)")
+    p.add_argument("--out", help="picture written by --show-ranks (default ranks.png)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export", parents=[common, model, weights],
+                       help="export a model to ONNX (checked with onnxruntime when installed)")
+    p.add_argument("name", metavar="NAME", help=NAME_HELP)
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--out", help="the .onnx file to write (default NAME.onnx)")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="largest accepted difference between onnxruntime and PyTorch (default 1e-3)")
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("train", parents=[common], help="train a model with TransReID's or CLIP-ReID's recipe")
-    p.add_argument("name", metavar="NAME", help="a registered model (see 'reid-ms list')")
+    p.add_argument("name", metavar="NAME", help=NAME_HELP)
     p.add_argument("--dataset", required=True, choices=TRAIN_DATASETS,
                    help="data set layout; 'folder': ROOT/{bounding_box_train,query,bounding_box_test}")
     p.add_argument("--root", required=True, help="the data set's folder")
@@ -710,88 +733,6 @@ def _add_train_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", choices=TRAIN_AMP, help="mixed precision on CUDA")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in the backward pass")
     p.set_defaults(func=_cmd_train)
-
-
-# -- argument parsing -----------------------------------------------------------------------------
-
-def _add_model_options(parser: argparse.ArgumentParser, name_required: bool = True) -> None:
-    if name_required:
-        parser.add_argument("name", metavar="NAME", help="a registered model (see 'reid-ms list')")
-    else:
-        parser.add_argument("name", metavar="NAME", nargs="?", help="a registered model (with --query/--gallery)")
-    parser.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the model's)")
-    parser.add_argument("--stride", type=int, help="patch stride, e.g. 16 or 12 (default: the model's)")
-    parser.add_argument("--camera-num", type=int, help="cameras of the camera embedding (SIE); 0 for none")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other keyword of reid_ms.build, e.g. --set depth=2 --set embed_dim=64 (repeatable)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default 0)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-
-
-def _add_data_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", help="a local checkpoint; without it the model is randomly initialised")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=0, help="image-loading processes (default 0: in-process)")
-    parser.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"),
-                        help="normalisation mean (default: the model's, model.pretrained_cfg)")
-    parser.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"),
-                        help="normalisation std (default: the model's)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reid-ms", description="Re-ID backbones and necks: inspect, extract, "
-                                     "evaluate, export.")
-    parser.add_argument("--version", action="version", version=f"reid-ms {reid_ms.__version__}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("list", parents=[common], help="names of the registered models")
-    p.set_defaults(func=_cmd_list)
-
-    p = sub.add_parser("info", parents=[common], help="parameters, FLOPs, grid and widths of a model")
-    _add_model_options(p)
-    p.set_defaults(func=_cmd_info, weights=None)
-
-    p = sub.add_parser("extract", parents=[common], help="features of a folder of images, to .npz")
-    _add_model_options(p)
-    _add_data_options(p)
-    p.add_argument("--images", required=True, help="folder of images (any names; ids and cameras are read from "
-                   "Market-1501 names <pid>_c<camera>... when all files have them, as 'eval' needs)")
-    p.add_argument("--out", required=True, help=".npz with feats, paths (and pids, camids) (resumed if it exists)")
-    p.add_argument("--save-every", type=int, default=20, help="save progress every N batches (default 20)")
-    p.add_argument("--overwrite", action="store_true", help="start over even if --out exists")
-    p.set_defaults(func=_cmd_extract)
-
-    p = sub.add_parser("eval", parents=[common], help="CMC rank-1/5/10, mAP and mINP (Market-1501 protocol)")
-    _add_model_options(p, name_required=False)
-    _add_data_options(p)
-    p.add_argument("--query-feats", help="query .npz written by 'reid-ms extract'")
-    p.add_argument("--gallery-feats", help="gallery .npz written by 'reid-ms extract'")
-    p.add_argument("--query", help="query image folder (with NAME)")
-    p.add_argument("--gallery", help="gallery image folder (with NAME)")
-    p.add_argument("--metric", default="cosine", help="cosine (default) or euclidean")
-    p.add_argument("--rerank", action="store_true",
-                   help="k-reciprocal re-ranking with TransReID's evaluation setting (k1=50, k2=15, lambda=0.3)")
-    p.add_argument("--aqe", type=int, default=0, metavar="K",
-                   help="average query expansion with the K nearest gallery features (cosine; default off)")
-    p.add_argument("--show-ranks", type=int, default=0, metavar="K",
-                   help="draw each query with its top-K gallery crops (green right, red wrong) to --out")
-    p.add_argument("--num-queries", type=int, default=8, help="queries drawn by --show-ranks (default 8)")
-    p.add_argument("--out", help="picture written by --show-ranks (default ranks.png)")
-    p.set_defaults(func=_cmd_eval)
-
-    p = sub.add_parser("export", parents=[common], help="export a model to ONNX (checked with onnxruntime when installed)")
-    _add_model_options(p)
-    p.add_argument("--weights", help="a local checkpoint; without it the model is randomly initialised")
-    p.add_argument("--format", choices=("onnx",), default="onnx")
-    p.add_argument("--out", help="the .onnx file to write (default NAME.onnx)")
-    p.add_argument("--opset", type=int, default=18)
-    p.add_argument("--tolerance", type=float, default=1e-3,
-                   help="largest accepted difference between onnxruntime and PyTorch (default 1e-3)")
-    p.set_defaults(func=_cmd_export)
-
-    _add_train_parser(sub, common)
     return parser
 
 

@@ -14,7 +14,7 @@ import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
@@ -23,8 +23,8 @@ from torch import nn
 from reid_ms.backbones.clip import ClipVisual
 from reid_ms.backbones.vit import VitTrans
 from reid_ms.errors import ConfigError
-from reid_ms.heads import BNNeckHead
-from reid_ms.models import JPMReIDModel, MultiModalReIDModel, ReIDModel
+from reid_ms.heads.bnneck import BNNeckBase, BNNeckHead
+from reid_ms.models import BuiltModel, JPMReIDModel, MultiModalReIDModel, ReIDModel
 from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow
 from reid_ms.preprocess import input_config
 from reid_ms.weights import load_clip_weights, load_vit_weights
@@ -69,7 +69,7 @@ class ModelSpec:
     adapt_dim: Optional[int] = None
     head_prefix: Optional[str] = None
     classifier_key: Optional[str] = None
-    model: Optional[type[nn.Module]] = None
+    model: Optional[type[BuiltModel]] = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -85,11 +85,8 @@ def _params(cls: Any, exclude: tuple[str, ...] = ()) -> list[str]:
 
 def _part_args(spec: ModelSpec) -> dict[str, list[str]]:
     """The overridable arguments of each part of ``spec``, including parts it lacks (for messages)."""
-    parts = {
-        "backbone": _params(spec.backbone),
-        "adapter": list(ADAPTER_ARGS),
-        "neck": _params(MultiScaleSlidingWindow, exclude=("feat_dim",)),
-    }
+    parts = {"backbone": _params(spec.backbone), "adapter": list(ADAPTER_ARGS),
+             "neck": _params(MultiScaleSlidingWindow, exclude=("feat_dim",))}
     if spec.model is None:
         parts["head"] = _params(BNNeckHead, exclude=("feat_dim",))
     else:
@@ -175,8 +172,7 @@ def _route(name: str, spec: ModelSpec, overrides: Mapping[str, Any]) -> dict[str
     return routed
 
 
-def build(name: str, pretrained: str | os.PathLike | None = None,
-          **overrides: Any) -> ReIDModel | JPMReIDModel | MultiModalReIDModel:
+def build(name: str, pretrained: str | os.PathLike | None = None, **overrides: Any) -> BuiltModel:
     """Build the registered model ``name`` (see :func:`list_models`).
 
     Args:
@@ -211,10 +207,8 @@ def build(name: str, pretrained: str | os.PathLike | None = None,
     neck = None
     if spec.neck_mode is not None:
         neck = MultiScaleSlidingWindow(width, **{"mode": spec.neck_mode, **routed["neck"]})
-    if spec.model is not None:
-        model = spec.model(backbone, neck=neck, **routed["model"])
-    else:
-        model = ReIDModel(backbone, neck=neck, head=BNNeckHead(width, **routed["head"]), adapter=adapter)
+    model = (ReIDModel(backbone, neck=neck, head=BNNeckHead(width, **routed["head"]), adapter=adapter)
+             if spec.model is None else spec.model(backbone, neck=neck, **routed["model"]))
     model.model_name = name
     model.pretrained_cfg = input_config(model)
     if pretrained is not None:
@@ -222,7 +216,7 @@ def build(name: str, pretrained: str | os.PathLike | None = None,
     return model
 
 
-def _load_pretrained(model: nn.Module, spec: ModelSpec, path: str) -> LoadReport:
+def _load_pretrained(model: BuiltModel, spec: ModelSpec, path: str) -> LoadReport:
     """Read ``path`` once and load it into the whole ``model``, all of it or nothing.
 
     A saved model of this build loads exactly; a backbone checkpoint fills the backbone and, for a
@@ -235,15 +229,16 @@ def _load_pretrained(model: nn.Module, spec: ModelSpec, path: str) -> LoadReport
     if spec.loader is load_jpm_weights:
         state, report = jpm_checkpoint_filter(obj, model, path, fmt)
     else:
-        fill = None if spec.head_prefix is None else (lambda heads, rep: _head_state(model.head, spec, heads, rep))
+        prefix = spec.head_prefix
+        fill = None if prefix is None else (lambda heads, rep: _head_state(model.head, prefix, spec.classifier_key,
+                                                                          heads, rep))
         state, report = built_model_filter(obj, model, path, fmt, fill_head=fill)
     return load_all_or_nothing(model, state, report)
 
 
-def _head_state(head: BNNeckHead, spec: ModelSpec, heads: dict[str, torch.Tensor],
+def _head_state(head: BNNeckBase, prefix: str, classifier_key: Optional[str], heads: dict[str, torch.Tensor],
                 report: LoadReport) -> dict[str, torch.Tensor]:
     """The model's ``head.*`` keys filled from the trained BNNeck of a re-ID checkpoint, when it fits exactly."""
-    prefix = spec.head_prefix
     target = head.bottleneck.state_dict()
     state = {k: heads[prefix + k] for k in target if prefix + k in heads}
     if not state:
@@ -256,29 +251,29 @@ def _head_state(head: BNNeckHead, spec: ModelSpec, heads: dict[str, torch.Tensor
         return {}
     out = {f"head.bottleneck.{k}": v for k, v in state.items()}
     used = [prefix + k for k in state]
-    weight = heads.get(spec.classifier_key) if spec.classifier_key else None
-    if head.classifier is not None and weight is not None and weight.shape == head.classifier.weight.shape:
-        out["head.classifier.weight"] = weight
-        used.append(spec.classifier_key)
+    if classifier_key in heads and head.classifier is not None and (
+            heads[classifier_key].shape == head.classifier.weight.shape):
+        out["head.classifier.weight"] = heads[classifier_key]
+        used.append(classifier_key)
     for k in used:
         report.ignored.pop(k, None)
     logger.info("%s: the head is filled from the trained %s", report.path, ", ".join(used))
     return out
 
 
-_VIT = dict(backbone=VitTrans, loader=load_vit_weights, head_prefix="bottleneck.", classifier_key="classifier.weight")
-_CLIP = dict(backbone=ClipVisual, loader=load_clip_weights, head_prefix="bottleneck_proj.",
-             classifier_key="classifier_proj.weight")
+_VIT = ModelSpec(VitTrans, load_vit_weights, head_prefix="bottleneck.", classifier_key="classifier.weight")
+_CLIP = ModelSpec(ClipVisual, load_clip_weights, head_prefix="bottleneck_proj.",
+                  classifier_key="classifier_proj.weight")
 _BUILTIN = {
     # TransReID's ViT-B/16 baseline (CLS -> BNNeck), then with the dense (768 wide, scales 4/8/16) or the light
     # (depthwise + shared pointwise) multi-scale neck
-    "vit_b16": ModelSpec(**_VIT),
-    "vit_b16_ms": ModelSpec(**_VIT, neck_mode="dense"),
-    "vit_b16_ms_light": ModelSpec(**_VIT, neck_mode="light"),
+    "vit_b16": _VIT,
+    "vit_b16_ms": replace(_VIT, neck_mode="dense"),
+    "vit_b16_ms_light": replace(_VIT, neck_mode="light"),
     # CLIP-ReID's ViT-B/16 image encoder on its projected 512-wide tokens, the necks at that width
-    "clip_b16": ModelSpec(**_CLIP),
-    "clip_b16_ms": ModelSpec(**_CLIP, neck_mode="dense"),
-    "clip_b16_ms_light": ModelSpec(**_CLIP, neck_mode="light"),
+    "clip_b16": _CLIP,
+    "clip_b16_ms": replace(_CLIP, neck_mode="dense"),
+    "clip_b16_ms_light": replace(_CLIP, neck_mode="light"),
     # CLIP ViT-B/16, a DimAdapter 512 -> 768, then the neck at 768 (the ViT neck's width); no trained head fits
     "clip_b16_adapt_ms": ModelSpec(ClipVisual, load_clip_weights, neck_mode="dense", adapt_dim=768),
     "clip_b16_adapt_ms_light": ModelSpec(ClipVisual, load_clip_weights, neck_mode="light", adapt_dim=768),
@@ -291,4 +286,4 @@ _BUILTIN = {
     "clip_b16_ms_rgbnt": ModelSpec(ClipVisual, load_multimodal_weights, neck_mode="dense", model=MultiModalReIDModel),
 }
 for _name, _spec in _BUILTIN.items():
-    register(_name)(lambda spec=_spec: spec)
+    register(_name)(lambda: _spec)  # called at once, so the loop variable is the current spec

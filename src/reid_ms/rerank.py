@@ -22,7 +22,7 @@ float32). Peak memory is the ``[Q, G]`` result plus a few bounded buffers.
 from __future__ import annotations
 
 import warnings
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ __all__ = ["re_ranking", "query_expansion", "TRANSREID_RERANK"]
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 # TransReID's evaluation setting (TEST.RE_RANKING: k1=50, k2=15, lambda=0.3)
-TRANSREID_RERANK = {"k1": 50, "k2": 15, "lambda_value": 0.3}
+TRANSREID_RERANK: dict[str, Any] = {"k1": 50, "k2": 15, "lambda_value": 0.3}
 
 # rows of the [rows, N] distance block computed at once
 _ROW_BLOCK = 512

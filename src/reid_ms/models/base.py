@@ -14,7 +14,7 @@ from torch import nn
 
 from reid_ms.backbones._common import Label
 from reid_ms.errors import ConfigError
-from reid_ms.heads import BNNeckHead
+from reid_ms.heads.bnneck import BNNeckBase, BNNeckHead
 from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow
 from reid_ms.weights._common import LoadReport
 
@@ -70,7 +70,8 @@ class BuiltModel(nn.Module):
     ``pool`` (those tokens -> the feature ``[B, feat_dim]`` the head takes).
     """
 
-    head: nn.Module
+    head: BNNeckBase
+    pretrained_cfg: dict[str, Any]  # set by build(): the input configuration (reid_ms.preprocess.input_config)
     image_names: tuple[str, ...] = ("images",)  # graph input names of the images
 
     def __init__(self, backbone: nn.Module, neck: Optional[MultiScaleSlidingWindow] = None, *,
