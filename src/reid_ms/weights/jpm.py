@@ -18,11 +18,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
+from reid_ms.backbones.vit import VitTrans
 from reid_ms.errors import CheckpointError, ConfigError
-from reid_ms.models.jpm import JPMReIDModel
-from reid_ms.weights._common import LoadReport, load_all_or_nothing, memory_budget
-from reid_ms.weights._io import flatten_state_dict, read_checkpoint, strip_prefix
+from reid_ms.heads.multibranch import MultiBranchBNNeckHead
+from reid_ms.weights._common import LoadReport, load_file
+from reid_ms.weights._io import flatten_state_dict, strip_prefix
 from reid_ms.weights.built import saved_model
 from reid_ms.weights.vit import vit_checkpoint_filter
 
@@ -37,10 +39,9 @@ def _suffix(branch: int) -> str:
     return "" if branch == 0 else f"_{branch}"
 
 
-def _head_state(heads: dict[str, torch.Tensor], model: JPMReIDModel, path: str,
+def _head_state(heads: dict[str, torch.Tensor], head: MultiBranchBNNeckHead, path: str,
                 report: LoadReport) -> dict[str, torch.Tensor]:
     """TransReID's per-branch BNNecks and classifiers -> the model's head keys, where they fit."""
-    head = model.head
     k, d = head.branches, head.branch_dim
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
@@ -75,11 +76,11 @@ def _head_state(heads: dict[str, torch.Tensor], model: JPMReIDModel, path: str,
 
 
 def _fill_split_layout(state: dict[str, torch.Tensor], report: LoadReport,
-                       model: JPMReIDModel) -> tuple[dict[str, torch.Tensor], LoadReport]:
+                       depth: int) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """A JPM model saved by reid_ms when its backbone stopped short (no ``backbone.blocks.{last}`` nor
     ``backbone.norm``): those unused tensors are filled from the global branch ``jpm.b1``, as TransReID
     starts ``b1`` from them."""
-    last = f"backbone.blocks.{len(model.backbone.blocks) - 1}."
+    last = f"backbone.blocks.{depth - 1}."
     if any(k.startswith((last, "backbone.norm.")) for k in state) or not any(k.startswith("jpm.b1.") for k in state):
         return state, report
     fill = {(last if k.startswith("jpm.b1.0.") else "backbone.norm.") + k[len("jpm.b1.0."):]: v
@@ -90,30 +91,35 @@ def _fill_split_layout(state: dict[str, torch.Tensor], report: LoadReport,
     return {**state, **fill}, report
 
 
-def jpm_checkpoint_filter(checkpoint: Mapping[str, Any], model: JPMReIDModel, path: str = "<state dict>",
+def jpm_checkpoint_filter(checkpoint: Mapping[str, Any], model: nn.Module, path: str = "<state dict>",
                           fmt: str = "state dict") -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Map a TransReID JPM checkpoint, or any ViT checkpoint, to ``model``'s keys without touching ``model``.
 
     ``checkpoint`` is what :func:`reid_ms.weights.read_checkpoint` returns (wrappers and a ``module.``
-    prefix allowed). A saved reid_ms JPM model loads as it is; one saved before the backbone kept its
-    (unused) last block and final norm gets them from ``jpm.b1`` (``report.kind == "reid_ms-split-jpm"``).
+    prefix allowed); ``model`` a :class:`~reid_ms.JPMReIDModel`. A saved reid_ms JPM model loads as it is;
+    one saved before the backbone kept its (unused) last block and final norm gets them from ``jpm.b1``
+    (``report.kind == "reid_ms-split-jpm"``).
 
     Returns:
         ``(state, report)``: ``state`` names every tensor of ``model.state_dict()``; what the file lacks
         (the multi-scale neck, a head that does not fit, the camera table of ImageNet weights) is the
         model's own and listed in ``report.kept_init``.
     """
+    vit, head = getattr(model, "backbone", None), getattr(model, "head", None)
+    if not (isinstance(vit, VitTrans) and isinstance(head, MultiBranchBNNeckHead) and hasattr(model, "jpm")):
+        raise ConfigError(f"load_jpm_weights loads into reid_ms.JPMReIDModel, got {type(model).__name__}; "
+                          f"for a plain VitTrans use load_vit_weights")
     state, wrapper = flatten_state_dict(checkpoint, path)
     state, _ = strip_prefix(state)
     saved = saved_model(state, wrapper, model, path, fmt)
     if saved is not None:
-        return _fill_split_layout(*saved, model)
+        return _fill_split_layout(*saved, len(vit.blocks))
     branches = {k: v for k, v in state.items() if _BRANCH.match(k)}
     heads = {k: v for k, v in state.items() if _HEAD.match(k)}
     rest = {k: v for k, v in state.items() if k not in branches and k not in heads}
-    backbone, report, _ = vit_checkpoint_filter(rest, model.backbone, path, fmt)
+    backbone, report, _ = vit_checkpoint_filter(rest, vit, path, fmt)
     report.ignored = {**wrapper, **report.ignored}
-    last = len(model.backbone.blocks) - 1
+    last = len(vit.blocks) - 1
     last_block = {k: v for k, v in backbone.items() if k.startswith((f"blocks.{last}.", "norm."))}
     if len({k.split(".")[0] for k in last_block}) < 2:
         depth = 1 + max((int(m.group(1)) for m in map(re.compile(r"blocks\.(\d+)\.").match, backbone) if m),
@@ -128,7 +134,7 @@ def jpm_checkpoint_filter(checkpoint: Mapping[str, Any], model: JPMReIDModel, pa
         for k, v in last_block.items():
             sub, name = ("1", k[len("norm."):]) if k.startswith("norm.") else ("0", k[len(f"blocks.{last}."):])
             out.update({f"jpm.{branch}.{sub}.{name}": v for branch in ("b1", "b2")})
-    out.update(_head_state(heads, model, path, report))
+    out.update(_head_state(heads, head, path, report))
 
     report.kept_init = [f"backbone.{k}" for k in report.kept_init]
     for k, v in model.state_dict().items():
@@ -138,7 +144,7 @@ def jpm_checkpoint_filter(checkpoint: Mapping[str, Any], model: JPMReIDModel, pa
     return out, report
 
 
-def load_jpm_weights(model: JPMReIDModel, path: str | os.PathLike) -> LoadReport:
+def load_jpm_weights(model: nn.Module, path: str | os.PathLike) -> LoadReport:
     """Load a TransReID JPM checkpoint or any ViT checkpoint into ``model``, all of it or nothing.
 
     JPM checkpoints fill the backbone, both branches and, where they fit (same width, ``num_classes``),
@@ -148,10 +154,4 @@ def load_jpm_weights(model: JPMReIDModel, path: str | os.PathLike) -> LoadReport
     Returns:
         A :class:`~reid_ms.LoadReport` with model keys (``backbone.*``, ``jpm.*``, ``head.*``).
     """
-    if not isinstance(model, JPMReIDModel):
-        raise ConfigError(f"load_jpm_weights loads into reid_ms.JPMReIDModel, got {type(model).__name__}; "
-                          f"for a plain VitTrans use load_vit_weights")
-    path = os.fspath(path)
-    obj, fmt = read_checkpoint(path, memory_budget(model))
-    state, report = jpm_checkpoint_filter(obj, model, path, fmt)
-    return load_all_or_nothing(model, state, report)
+    return load_file(model, path, lambda obj, file, fmt: jpm_checkpoint_filter(obj, model, file, fmt))
