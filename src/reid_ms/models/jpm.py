@@ -58,17 +58,15 @@ class JPMReIDModel(BuiltModel):
             raise ConfigError(f"JPMReIDModel needs a reid_ms.VitTrans backbone (its last block makes the branches), "
                               f"got {type(backbone).__name__}")
         super().__init__(backbone, neck)
-        width = self.token_dim
-        jpm = JigsawPatchNeck(backbone.blocks[-1], backbone.norm, shift_num=shift_num,
-                              shuffle_groups=shuffle_groups, divide_length=divide_length, rearrange=rearrange)
-        problem = jpm.patch_count_problem(backbone.num_patches)
+        self.jpm = JigsawPatchNeck(backbone.blocks[-1], backbone.norm, shift_num=shift_num,
+                                   shuffle_groups=shuffle_groups, divide_length=divide_length, rearrange=rearrange)
+        problem = self.jpm.patch_count_problem(backbone.num_patches)
         if problem is not None:
             h, w = backbone.grid_size
             raise ConfigError(f"JPMReIDModel: the backbone's {h}x{w} grid: {problem}")
         backbone.blocks[-1].requires_grad_(False)
         backbone.norm.requires_grad_(False)
-        self.jpm = jpm
-        self.head = MultiBranchBNNeckHead(width, 1 + divide_length, num_classes=num_classes, neck_feat=neck_feat,
+        self.head = MultiBranchBNNeckHead(self.token_dim, 1 + divide_length, num_classes=num_classes, neck_feat=neck_feat,
                                           local_scale=1.0 / divide_length)
 
     def forward_features(self, images: torch.Tensor, cam_label: Label = None,

@@ -35,17 +35,14 @@ _HEAD = re.compile(r"(bottleneck|classifier)(_\d+)?\.")
 _BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
 
 
-def _suffix(branch: int) -> str:
-    return "" if branch == 0 else f"_{branch}"
-
-
 def _head_state(heads: dict[str, torch.Tensor], head: MultiBranchBNNeckHead, path: str,
                 report: LoadReport) -> dict[str, torch.Tensor]:
     """TransReID's per-branch BNNecks and classifiers -> the model's head keys, where they fit."""
     k, d = head.branches, head.branch_dim
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
-    bn_keys = [[f"bottleneck{_suffix(i)}.{f}" for f in _BN_FIELDS] for i in range(k)]
+    suffixes = [""] + [f"_{i}" for i in range(1, k)]  # TransReID's bottleneck, bottleneck_1, ...
+    bn_keys = [[f"bottleneck{sfx}.{f}" for f in _BN_FIELDS] for sfx in suffixes]
     if all(key in heads for keys in bn_keys for key in keys):
         parts = [heads[key] for keys in bn_keys for key in keys]
         if any(not p.is_floating_point() for p in parts):
@@ -62,12 +59,11 @@ def _head_state(heads: dict[str, torch.Tensor], head: MultiBranchBNNeckHead, pat
     elif any(key.startswith("bottleneck") for key in heads):
         logger.info("%s: the file has no BNNeck for each of the %d branches (bottleneck, bottleneck_1, ...); "
                     "the head keeps its initialisation", path, k)
-    cls_keys = [f"classifier{_suffix(i)}.weight" for i in range(k)]
-    if head.classifiers is not None and all(key in heads for key in cls_keys):
-        if all(tuple(heads[key].shape) == (head.num_classes, d) for key in cls_keys):
-            for i, key in enumerate(cls_keys):
-                out[f"head.classifiers.{i}.weight"] = heads[key]
-            used.update(cls_keys)
+    cls_keys = [f"classifier{sfx}.weight" for sfx in suffixes]
+    if head.classifiers is not None and all(key in heads and heads[key].shape == (head.num_classes, d)
+                                            for key in cls_keys):
+        out.update({f"head.classifiers.{i}.weight": heads[key] for i, key in enumerate(cls_keys)})
+        used.update(cls_keys)
     for key in heads:
         if key not in used:
             report.ignored[key] = (f"TransReID re-ID head that does not fit this model's {k} branches x {d} wide, "
