@@ -322,8 +322,8 @@ def test_saved_model_without_the_unused_last_block_loads(name, tmp_path):
     model.eval()
     state = model.state_dict()
     path = tmp_path / "split.pth"
-    torch.save({"model": {k: v for k, v in state.items() if not k.startswith(("backbone.blocks.2.", "backbone.norm."))}},
-               path)
+    old_layout = {k: v for k, v in state.items() if not k.startswith(("backbone.blocks.2.", "backbone.norm."))}
+    torch.save({"model": old_layout}, path)
     loaded = build(name, pretrained=str(path), num_classes=5, camera_num=3, **extra, **TINY).eval()
     assert loaded.load_report.kind == "reid_ms-split-jpm" and loaded.load_report.kept_init == []
     # the unused tensors come from the global branch (TransReID starts b1 as their copy)

@@ -66,8 +66,8 @@ class JPMReIDModel(BuiltModel):
             raise ConfigError(f"JPMReIDModel: the backbone's {h}x{w} grid: {problem}")
         backbone.blocks[-1].requires_grad_(False)
         backbone.norm.requires_grad_(False)
-        self.head = MultiBranchBNNeckHead(self.token_dim, 1 + divide_length, num_classes=num_classes, neck_feat=neck_feat,
-                                          local_scale=1.0 / divide_length)
+        self.head = MultiBranchBNNeckHead(self.token_dim, 1 + divide_length, num_classes=num_classes,
+                                          neck_feat=neck_feat, local_scale=1.0 / divide_length)
 
     def forward_features(self, images: torch.Tensor, cam_label: Label = None,
                          view_label: Label = None) -> torch.Tensor:
