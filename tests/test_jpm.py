@@ -87,7 +87,11 @@ def test_full_size_eval_feature_is_3840_wide():
         model = build("vit_b16_jpm", stride_size=12, num_classes=751).eval()
         emb = model(torch.empty(2, 3, 256, 128))
     assert model.feat_dim == 3840 and model.head.feat_dim == 3840 and emb.shape == (2, 3840)
-    assert len(model.backbone.blocks) == 11 and isinstance(model.backbone.norm, nn.Identity)
+    # TransReID's layout: the backbone keeps all 12 blocks and its norm, the last block and norm unused and frozen
+    assert len(model.backbone.blocks) == 12 and isinstance(model.backbone.norm, nn.LayerNorm)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters()
+                      if n.startswith(("backbone.blocks.11.", "backbone.norm."))} | {"head.bottleneck.bias"}
     assert model.grid_size == (21, 10)
 
 
@@ -265,7 +269,10 @@ def test_transreid_jpm_checkpoint_reproduces_the_hand_forward(tmp_path):
     model = build("vit_b16_jpm", pretrained=str(path), camera_num=3, num_classes=6, **TINY).eval()
     report = model.load_report
     assert report.kind == "transreid-jpm"
-    assert "base.blocks.2.attn.qkv.weight" in report.ignored and "base.norm.weight" in report.ignored  # unused copy
+    assert [k for k in report.ignored if k.startswith("base.")] == ["base.fc.weight"]  # the ViT's classifier
+    # the ViT's last block and norm, unused in TransReID as here, load into the backbone's
+    assert torch.equal(model.backbone.blocks[2].attn.qkv.weight, state["base.blocks.2.attn.qkv.weight"])
+    assert torch.equal(model.backbone.norm.weight, state["base.norm.weight"])
     assert not any(k.startswith(("head.", "jpm.")) for k in report.kept_init)
     for i, sfx in enumerate(["", "_1", "_2", "_3", "_4"]):
         assert torch.equal(model.head.classifiers[i].weight, state[f"classifier{sfx}.weight"])
@@ -304,3 +311,27 @@ def test_damaged_jpm_checkpoints_leave_the_model_untouched(tmp_path):
             assert torch.equal(v, before[k]), k
     with pytest.raises(ConfigError, match="JPMReIDModel"):
         reid_ms.load_jpm_weights(build("vit_b16", **TINY), tmp_path / "bad0.pth")
+
+
+@pytest.mark.parametrize("name", ["vit_b16_jpm", "vit_b16_ms_jpm"])
+def test_saved_model_without_the_unused_last_block_loads(name, tmp_path):
+    # reid_ms saved JPM models without backbone.blocks.{last} / backbone.norm when it cut them off the backbone
+    extra = dict(scales=(2, 4)) if "ms" in name else {}
+    model = build(name, num_classes=5, camera_num=3, **extra, **TINY)
+    _randomise(model, 5)
+    model.eval()
+    state = model.state_dict()
+    path = tmp_path / "split.pth"
+    old_layout = {k: v for k, v in state.items() if not k.startswith(("backbone.blocks.2.", "backbone.norm."))}
+    torch.save({"model": old_layout}, path)
+    loaded = build(name, pretrained=str(path), num_classes=5, camera_num=3, **extra, **TINY).eval()
+    assert loaded.load_report.kind == "reid_ms-split-jpm" and loaded.load_report.kept_init == []
+    # the unused tensors come from the global branch (TransReID starts b1 as their copy)
+    assert torch.equal(loaded.backbone.blocks[2].mlp.fc2.weight, state["jpm.b1.0.mlp.fc2.weight"])
+    assert torch.equal(loaded.backbone.norm.bias, state["jpm.b1.1.bias"])
+    x, cams = images(3, seed=4), torch.tensor([1, 0, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, cam_label=cams), model(x, cam_label=cams), rtol=0, atol=0)
+    # a model saved in today's layout loads as it is
+    torch.save(state, path)
+    assert build(name, pretrained=str(path), num_classes=5, camera_num=3, **extra, **TINY).load_report.kind == "reid_ms"

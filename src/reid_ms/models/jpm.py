@@ -1,4 +1,4 @@
-"""TransReID's JPM model: ViT without its last block -> Jigsaw Patch Module -> five BNNecks."""
+"""TransReID's JPM model: ViT up to its last block -> Jigsaw Patch Module -> five BNNecks."""
 
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ from reid_ms.necks.multiscale import MultiScaleSlidingWindow
 class JPMReIDModel(BuiltModel):
     """TransReID with its Jigsaw Patch Module, called like :class:`~reid_ms.ReIDModel`.
 
-    The backbone's last block and final norm move into the JPM (``self.jpm``, two copies: ``b1``, ``b2``)
-    and the backbone keeps the other blocks, so it returns the tokens TransReID's JPM reads (after all
-    blocks but the last, no final norm). TransReID leaves the originals in its backbone unused; here they
-    are taken out so that every parameter is trained (and DDP needs no ``find_unused_parameters``).
+    TransReID's layout: the backbone stays whole but runs only up to its last block
+    (``forward_blocks(..., end=-1)``, no final norm); the JPM (``self.jpm``) holds two copies of that block
+    and the final norm (``b1``, ``b2``). The backbone's own last block and final norm are unused, as in
+    TransReID (whose checkpoints hold them under ``base.``, so the keys match); they are frozen
+    (``requires_grad=False``) so that training leaves them out and DDP needs no ``find_unused_parameters``.
+    Keep them frozen when unfreezing the rest of the model.
 
     ``forward_features``: the global feature (``b1``'s CLS), then the ``divide_length`` local CLS features
     of ``b2`` (see :class:`~reid_ms.JigsawPatchNeck`), as tokens ``[B, 1 + divide_length, D]``;
@@ -37,7 +39,7 @@ class JPMReIDModel(BuiltModel):
     the plain JPM model.
 
     Args:
-        backbone: a :class:`~reid_ms.VitTrans` (at least one block); it is modified in place (see above).
+        backbone: a :class:`~reid_ms.VitTrans`; its last block and final norm are frozen in place (see above).
         neck: a :class:`~reid_ms.MultiScaleSlidingWindow` as wide as the backbone, or ``None``.
         num_classes, neck_feat: of the head (see :class:`~reid_ms.BNNeckHead`).
         shift_num, shuffle_groups, divide_length, rearrange: of the JPM (TransReID's defaults 5, 2, 4, True).
@@ -47,28 +49,25 @@ class JPMReIDModel(BuiltModel):
         model_name, load_report: set by :func:`~reid_ms.build`.
     """
 
+    head: MultiBranchBNNeckHead
+
     def __init__(self, backbone: VitTrans, neck: Optional[MultiScaleSlidingWindow] = None, *, num_classes: int = 0,
                  neck_feat: str = "before", shift_num: int = 5, shuffle_groups: int = 2, divide_length: int = 4,
                  rearrange: bool = True) -> None:
         if not isinstance(backbone, VitTrans):
-            raise ConfigError(f"JPMReIDModel needs a reid_ms.VitTrans backbone (its blocks are split), got "
-                              f"{type(backbone).__name__}")
-        if not isinstance(backbone.norm, nn.LayerNorm) or len(backbone.blocks) < 1:
-            raise ConfigError("JPMReIDModel needs a complete VitTrans (blocks and final norm); this one was "
-                              "already split by another JPMReIDModel: build a new backbone")
+            raise ConfigError(f"JPMReIDModel needs a reid_ms.VitTrans backbone (its last block makes the branches), "
+                              f"got {type(backbone).__name__}")
         super().__init__(backbone, neck)
-        width = self.token_dim
-        jpm = JigsawPatchNeck(backbone.blocks[-1], backbone.norm, shift_num=shift_num,
-                              shuffle_groups=shuffle_groups, divide_length=divide_length, rearrange=rearrange)
-        problem = jpm.patch_count_problem(backbone.num_patches)
+        self.jpm = JigsawPatchNeck(backbone.blocks[-1], backbone.norm, shift_num=shift_num,
+                                   shuffle_groups=shuffle_groups, divide_length=divide_length, rearrange=rearrange)
+        problem = self.jpm.patch_count_problem(backbone.num_patches)
         if problem is not None:
             h, w = backbone.grid_size
             raise ConfigError(f"JPMReIDModel: the backbone's {h}x{w} grid: {problem}")
-        backbone.blocks = backbone.blocks[:-1]
-        backbone.norm = nn.Identity()
-        self.jpm = jpm
-        self.head = MultiBranchBNNeckHead(width, 1 + divide_length, num_classes=num_classes, neck_feat=neck_feat,
-                                          local_scale=1.0 / divide_length)
+        backbone.blocks[-1].requires_grad_(False)
+        backbone.norm.requires_grad_(False)
+        self.head = MultiBranchBNNeckHead(self.token_dim, 1 + divide_length, num_classes=num_classes,
+                                          neck_feat=neck_feat, local_scale=1.0 / divide_length)
 
     def forward_features(self, images: torch.Tensor, cam_label: Label = None,
                          view_label: Label = None) -> torch.Tensor:
@@ -76,7 +75,7 @@ class JPMReIDModel(BuiltModel):
 
         The local features are not yet divided by ``divide_length``; the head does that for the embedding.
         """
-        tokens = self.backbone(images, cam_label=cam_label, view_label=view_label)
+        tokens = self.backbone.forward_blocks(self.backbone.embed(images, cam_label, view_label), end=-1)
         global_cls = self.with_neck(self.jpm.global_branch(tokens))[:, :1]
         return torch.cat([global_cls, self.jpm.local_branch(tokens)], dim=1)
 

@@ -1,6 +1,6 @@
 """TransReID's Jigsaw Patch Module (JPM): a global branch and shifted, shuffled local branches.
 
-The backbone stops before its last block and final norm; two copies of that block + norm make the
+The backbone runs all blocks but the last, without its final norm; two copies of that block + norm make the
 branches. The global branch ``b1`` runs on the whole sequence and keeps its CLS. The local branch ``b2``
 (shared by the groups) runs once per group of patches, each group preceded by the backbone's CLS:
 

@@ -1,17 +1,26 @@
-"""What both weight loaders share: the load report, the position-grid resize and the all-or-nothing load."""
+"""What the weight loaders share: the load report, the position-grid resize and the all-or-nothing load."""
 
 from __future__ import annotations
 
 import html
 import logging
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reid_ms.backbones.clip import ClipVisual
+from reid_ms.backbones.vit import VitTrans
 from reid_ms.errors import CheckpointError
+from reid_ms.weights._io import read_checkpoint
+
+# the backbones whose position grid and camera/view table a file is fitted to
+GridBackbone = VitTrans | ClipVisual
 
 logger = logging.getLogger("reid_ms.weights")
 
@@ -124,7 +133,7 @@ def resize_pos_grid(grid: torch.Tensor, old_hw: tuple[int, int], new_hw: tuple[i
 _COMMON_IMG_SIZES = ((256, 128), (384, 128), (128, 256), (384, 192), (224, 224), (384, 384))
 
 
-def grid_hint(model: nn.Module, count: int) -> str:
+def grid_hint(model: GridBackbone, count: int) -> str:
     """Builder arguments of ``model``'s patch size that give ``count`` patches, as advice for an error."""
     ph, pw = model.patch_size
     hints = []
@@ -143,7 +152,7 @@ def grid_hint(model: nn.Module, count: int) -> str:
     return "build the model with " + " or ".join(hints[:3])
 
 
-def fit_position_grid(grid: torch.Tensor, model: nn.Module, key: str, report: LoadReport) -> torch.Tensor:
+def fit_position_grid(grid: torch.Tensor, model: GridBackbone, key: str, report: LoadReport) -> torch.Tensor:
     """Patch positions ``[N, D]`` of a file -> ``[H*W, D]`` of ``model`` (with ``grid_size``, ``num_patches``).
 
     Equal counts are copied as stored (trained re-ID checkpoints keep their training grid; TransReID and
@@ -162,7 +171,7 @@ def fit_position_grid(grid: torch.Tensor, model: nn.Module, key: str, report: Lo
             f"square grid) and the model has {model.num_patches} ({h}x{w}); a non-square grid of unknown shape "
             f"cannot be resized faithfully: {grid_hint(model, count)}")
     # Resized in float32 whatever the file's dtype; the all-or-nothing load casts to the model's dtype.
-    return resize_pos_grid(grid.float(), (side, side), tuple(model.grid_size))
+    return resize_pos_grid(grid.float(), (side, side), model.grid_size)
 
 
 def _rows_hint(rows: int) -> str:
@@ -170,7 +179,7 @@ def _rows_hint(rows: int) -> str:
             f"camera_num * view_num = {rows} if it was trained with both labels")
 
 
-def fit_side_table(state: dict[str, torch.Tensor], key: str, model: nn.Module, report: LoadReport) -> None:
+def fit_side_table(state: dict[str, torch.Tensor], key: str, model: GridBackbone, report: LoadReport) -> None:
     """Check the camera/view table ``state[key]`` against ``model``'s, or keep the model's when the file has none.
 
     ImageNet and OpenAI weights have no table: the model's keeps its initialisation (as TransReID and
@@ -250,3 +259,12 @@ def load_all_or_nothing(model: nn.Module, state: dict[str, torch.Tensor], report
     report.loaded = sorted(k for k in cast if k not in report.kept_init)
     logger.info("%s", report)
     return report
+
+
+def load_file(model: nn.Module, path: str | os.PathLike,
+              to_state: Callable[[Any, str, str], tuple[dict[str, torch.Tensor], LoadReport]]) -> LoadReport:
+    """Read ``path`` (sized against ``model``), map it with ``to_state(checkpoint, path, fmt) -> (state, report)``
+    and load all of it into ``model`` or nothing (:func:`load_all_or_nothing`)."""
+    path = os.fspath(path)
+    checkpoint, fmt = read_checkpoint(path, memory_budget(model))
+    return load_all_or_nothing(model, *to_state(checkpoint, path, fmt))

@@ -30,9 +30,10 @@ KIND_SAVED = "reid_ms"
 HeadFill = Callable[[dict[str, torch.Tensor], LoadReport], dict[str, torch.Tensor]]
 
 
-def backbone_filter(backbone: nn.Module) -> Callable[..., tuple[dict[str, torch.Tensor], LoadReport,
-                                                                 dict[str, torch.Tensor]]]:
-    """The checkpoint filter of ``backbone``'s family: :func:`vit_checkpoint_filter` or :func:`clip_checkpoint_filter`."""
+def backbone_filter(backbone: object) -> Callable[..., tuple[dict[str, torch.Tensor], LoadReport,
+                                                              dict[str, torch.Tensor]]]:
+    """The checkpoint filter of ``backbone``'s family: :func:`vit_checkpoint_filter` or :func:`clip_checkpoint_filter`;
+    anything else is a :class:`ConfigError`."""
     if isinstance(backbone, VitTrans):
         return vit_checkpoint_filter
     if isinstance(backbone, ClipVisual):

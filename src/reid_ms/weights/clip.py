@@ -20,15 +20,9 @@ import torch
 from reid_ms.backbones.clip import ClipVisual
 from reid_ms.backbones.clip_text import ClipText, PromptLearner
 from reid_ms.errors import CheckpointError, ConfigError
-from reid_ms.weights._common import (
-    LoadReport,
-    check_declared,
-    fit_position_grid,
-    fit_side_table,
-    load_all_or_nothing,
-    memory_budget,
-)
-from reid_ms.weights._io import flatten_state_dict, read_checkpoint, strip_prefix
+from reid_ms.weights._common import (LoadReport, check_declared, fit_position_grid, fit_side_table, load_file,
+                                     memory_budget)
+from reid_ms.weights._io import flatten_state_dict, strip_prefix
 from reid_ms.weights.clip_text import load_clip_text_weights
 
 # Entries of an OpenAI / open_clip model outside ``visual.``: the text tower, the contrastive head and
@@ -197,7 +191,4 @@ def load_clip_weights(model: ClipVisual | ClipText | PromptLearner, path: str | 
         raise ConfigError(f"load_clip_weights loads into reid_ms.ClipVisual (or ClipText / PromptLearner), got "
                           f"{type(model).__name__}; "
                           f"for a built model pass its backbone, for a VitTrans use load_vit_weights")
-    path = os.fspath(path)
-    obj, fmt = read_checkpoint(path, memory_budget(model))
-    state, report, _ = clip_checkpoint_filter(obj, model, path, fmt)
-    return load_all_or_nothing(model, state, report)
+    return load_file(model, path, lambda obj, file, fmt: clip_checkpoint_filter(obj, model, file, fmt)[:2])

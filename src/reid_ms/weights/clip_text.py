@@ -22,8 +22,8 @@ import torch
 
 from reid_ms.backbones.clip_text import ClipText, PromptLearner
 from reid_ms.errors import CheckpointError
-from reid_ms.weights._common import LoadReport, check_declared, load_all_or_nothing, memory_budget
-from reid_ms.weights._io import flatten_state_dict, read_checkpoint, strip_prefix
+from reid_ms.weights._common import LoadReport, check_declared, load_file, memory_budget
+from reid_ms.weights._io import flatten_state_dict, strip_prefix
 
 logger = logging.getLogger("reid_ms.weights")
 
@@ -176,8 +176,8 @@ def clip_text_checkpoint_filter(
         raise CheckpointError(f"{path!r} is a ViT / TransReID checkpoint, not a CLIP one: it has no text tower")
     report = LoadReport(path=path, format=fmt, kind="clip-text", ignored=ignored)
     text, prompts = _split_file(tensors, wrapped, module_prefix, report)
-    is_prompts = isinstance(model, PromptLearner)
-    tower = model.text if is_prompts else model
+    tower = model.text if isinstance(model, PromptLearner) else model
+    is_prompts = tower is not model
     _check_text_architecture(text, tower, report)
     check_declared({**text, **prompts}, report, memory_budget(model))
     prefix = "text." if is_prompts else ""
@@ -190,7 +190,7 @@ def clip_text_checkpoint_filter(
         if not is_prompts:
             logger.warning("%s: CLIP-ReID checkpoints hold no token_embedding; %s keeps its own, so load CLIP's "
                            "weights (ViT-B-16.pt) into it first to encode text", path, key)
-    if is_prompts:
+    if isinstance(model, PromptLearner):
         if prompts:
             _check_prompts(prompts, model, report)
             state.update(prompts)
@@ -211,10 +211,7 @@ def load_clip_text_weights(model: TextModel, path: str | os.PathLike) -> LoadRep
     fills ``cls_ctx`` and the template buffers as stored; a file without them (OpenAI, open_clip) loads the
     text tower, keeps ``cls_ctx`` and re-embeds the template with the loaded token embedding.
     """
-    path = os.fspath(path)
-    obj, fmt = read_checkpoint(path, memory_budget(model))
-    state, report = clip_text_checkpoint_filter(obj, model, path, fmt)
-    load_all_or_nothing(model, state, report)
+    report = load_file(model, path, lambda obj, file, fmt: clip_text_checkpoint_filter(obj, model, file, fmt))
     if isinstance(model, PromptLearner) and "cls_ctx" in report.kept_init:
         model.embed_template()
     return report

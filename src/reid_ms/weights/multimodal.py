@@ -6,8 +6,7 @@ import os
 
 from torch import nn
 
-from reid_ms.weights._common import LoadReport, load_all_or_nothing, memory_budget
-from reid_ms.weights._io import read_checkpoint
+from reid_ms.weights._common import LoadReport, load_file
 from reid_ms.weights.built import backbone_filter, built_model_filter
 
 
@@ -22,7 +21,4 @@ def load_multimodal_weights(model: nn.Module, path: str | os.PathLike) -> LoadRe
         A :class:`~reid_ms.LoadReport` with the model's keys (``backbone.*``, ``neck.*``, ``head.*``).
     """
     backbone_filter(getattr(model, "backbone", None))  # a ConfigError names a model it cannot load
-    path = os.fspath(path)
-    obj, fmt = read_checkpoint(path, memory_budget(model))
-    state, report = built_model_filter(obj, model, path, fmt)
-    return load_all_or_nothing(model, state, report)
+    return load_file(model, path, lambda obj, file, fmt: built_model_filter(obj, model, file, fmt))

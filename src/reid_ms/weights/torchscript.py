@@ -157,7 +157,8 @@ class _ArchiveUnpickler(pickle.Unpickler):
             self._charge(nbytes, member)
             flat = torch.empty(nbytes, dtype=torch.uint8)
             with self._archive.open(info) as f:
-                if f.readinto(flat.numpy()) != nbytes:
+                # a ZipExtFile, a BufferedIOBase; typeshed types ZipFile.open as IO[bytes], without readinto
+                if f.readinto(flat.numpy()) != nbytes:  # type: ignore[attr-defined]
                     raise CheckpointError(f"{self._path!r}: storage {member!r} ends early; the file is truncated")
         if self._big_endian and itemsize > 1:
             self._charge(nbytes, member)

@@ -18,16 +18,9 @@ import torch
 
 from reid_ms.backbones.vit import VitTrans
 from reid_ms.errors import CheckpointError, ConfigError
-from reid_ms.weights._common import (
-    LoadReport,
-    check_declared,
-    fit_position_grid,
-    fit_side_table,
-    load_all_or_nothing,
-    memory_budget,
-    square_side,
-)
-from reid_ms.weights._io import flatten_state_dict, read_checkpoint, strip_prefix
+from reid_ms.weights._common import (LoadReport, check_declared, fit_position_grid, fit_side_table, load_file,
+                                     memory_budget, square_side)
+from reid_ms.weights._io import flatten_state_dict, strip_prefix
 
 
 def _is_clip(keys: list[str]) -> bool:
@@ -227,7 +220,4 @@ def load_vit_weights(model: VitTrans, path: str | os.PathLike) -> LoadReport:
     if not isinstance(model, VitTrans):
         raise ConfigError(f"load_vit_weights loads into reid_ms.VitTrans, got {type(model).__name__}; "
                           f"for a built model pass its backbone, for a ClipVisual use load_clip_weights")
-    path = os.fspath(path)
-    obj, fmt = read_checkpoint(path, memory_budget(model))
-    state, report, _ = vit_checkpoint_filter(obj, model, path, fmt)
-    return load_all_or_nothing(model, state, report)
+    return load_file(model, path, lambda obj, file, fmt: vit_checkpoint_filter(obj, model, file, fmt)[:2])
