@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from timm.layers import set_fused_attn
 from timm.models.vision_transformer import VisionTransformer
 
