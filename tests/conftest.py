@@ -9,14 +9,18 @@ import pytest
 import torch
 
 
+def _threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def two_threads():
     """Two intra-op threads while the test runs (the per-image attention paths' thread range includes 2;
     a CI machine may have another core count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    yield from _threads(2)
 
 
 @pytest.fixture
@@ -24,10 +28,7 @@ def one_thread():
     """One intra-op thread while the test runs: for tiny tensors on a busy two-core machine the OpenMP
     hand-offs of two threads take most of the time (a tiny stage-1 run measured 0.4 s at one thread,
     14 s at two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from _threads(1)
 
 
 class TinyModels:
@@ -38,7 +39,7 @@ class TinyModels:
     zero-initialised layers (the dense neck's windows, the light neck's pointwise projection) get small
     random values, as after a first optimiser step, so that a test can see them act; with ``randomize``
     every parameter and the BNNeck's statistics do. ``images(batch, seed, img_size=None)``: seeded images of the
-    tiny size.
+    tiny size. ``backbone(kind, ...)``: a bare backbone by kind; ``labels(batch)``: camera/view labels for it.
     """
 
     # 64x32 at stride 12: a 5 x 2 grid of overlapping patches, which no neck window divides
@@ -87,14 +88,42 @@ class TinyModels:
                         p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
         return model
 
-    def backbone(self, kind: str, *, seed: int = 0, **extra) -> torch.nn.Module:
-        """A tiny ``VitTrans`` (``kind="vit"``, no drop path) or ``ClipVisual`` (``"clip"``), seeded."""
+    # camera and view table sizes that ``labels`` draws from
+    CAMERAS, VIEWS = 3, 2
+
+    def backbone(self, kind: str, *, seed: int = 0, width: int | None = None, blocks: int | None = None,
+                 side_info: bool = False, vector_noise: float = 0.0, **extra) -> torch.nn.Module:
+        """A tiny ``VitTrans`` (``kind="vit"``, no drop path) or ``ClipVisual`` (``"clip"``), seeded.
+
+        ``width`` / ``blocks`` set ``embed_dim`` / ``width`` and ``depth`` / ``layers``; ``side_info`` adds
+        camera and view tables of ``CAMERAS`` x ``VIEWS`` rows (labels from ``labels``); ``vector_noise``
+        times Gaussian noise goes onto every 1-D parameter (norms and biases start at 1 and 0, where a
+        misplaced scale or bias, or a sample mixed into another's chunk, would not show).
+        """
         import reid_ms
 
         cls = {"vit": reid_ms.VitTrans, "clip": reid_ms.ClipVisual}[kind]
         args = dict(self.BACKBONES[cls.__name__], **({"drop_path_rate": 0.0} if kind == "vit" else {}))
+        if width is not None:
+            args["embed_dim" if kind == "vit" else "width"] = width
+        if blocks is not None:
+            args["depth" if kind == "vit" else "layers"] = blocks
+        if side_info:
+            args.update(camera_num=self.CAMERAS, view_num=self.VIEWS)
         torch.manual_seed(seed)
-        return cls(**{**args, **extra})
+        model = cls(**{**args, **extra})
+        if vector_noise:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.dim() == 1:
+                        p.add_(torch.randn_like(p) * vector_noise)
+        return model
+
+    def labels(self, batch: int, seed: int = 1) -> dict[str, torch.Tensor]:
+        """Seeded ``cam_label`` / ``view_label`` keyword arguments for a ``side_info`` backbone."""
+        gen = torch.Generator().manual_seed(seed)
+        return dict(cam_label=torch.randint(0, self.CAMERAS, (batch,), generator=gen),
+                    view_label=torch.randint(0, self.VIEWS, (batch,), generator=gen))
 
     def width(self, name: str, **extra) -> int:
         """Width of one token reaching the head (the adapter's, else the backbone's out_dim)."""

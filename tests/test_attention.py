@@ -11,7 +11,7 @@ from timm.models.vision_transformer import Attention
 
 import reid_ms.dispatch as dispatch
 import reid_ms.kernels.attention as attn
-from reid_ms import ClipVisual, VitTrans
+from reid_ms import VitTrans
 from reid_ms.backbones.vit import VitAttention
 
 
@@ -151,13 +151,9 @@ def test_vit_attention_hands_masks_to_timm():
 
 
 @pytest.mark.parametrize("kind", ["vit", "clip"])
-def test_backbone_training_gradients_match_the_sdpa_path(kind, count_per_image, monkeypatch):
-    torch.manual_seed(0)
-    model = (VitTrans(img_size=(64, 32), stride_size=12, embed_dim=48, depth=2, num_heads=4, drop_path_rate=0.0)
-             if kind == "vit" else ClipVisual(img_size=(64, 32), stride_size=12, width=48, layers=2, heads=4,
-                                             output_dim=24))
-    model.train()
-    images = torch.randn(3, 3, 64, 32)
+def test_backbone_training_gradients_match_the_sdpa_path(kind, count_per_image, monkeypatch, tiny):
+    model = tiny.backbone(kind, width=48).train()
+    images = tiny.images(3)
 
     def grads() -> dict[str, torch.Tensor]:
         model.zero_grad(set_to_none=True)

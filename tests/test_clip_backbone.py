@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _helpers_clip import TINY, clip_reid_forward, open_clip_tokens, open_clip_visual
-from reid_ms import ClipVisual, ConfigError, InputError
+from reid_ms import ClipVisual
 from reid_ms import testing as rt
 
 
@@ -16,15 +16,6 @@ def _tiny(**kw) -> ClipVisual:
     args = dict(img_size=(64, 32), **TINY)
     args.update(kw)
     return ClipVisual(**args)
-
-
-def _randomised(model: ClipVisual, seed: int = 0) -> ClipVisual:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "ln" in name:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model.eval()
 
 
 @pytest.mark.parametrize("image_size", [(32, 32), (64, 32)])
@@ -42,8 +33,8 @@ def test_matches_open_clip_vision_transformer(image_size):
     torch.testing.assert_close(out, tokens @ oracle.proj, atol=1e-5, rtol=1e-5)
 
 
-def test_camera_view_embedding_on_cls_before_position():
-    model = _randomised(_tiny(stride_size=12, camera_num=3, view_num=2, sie_coef=1.5))
+def test_camera_view_embedding_on_cls_before_position(tiny):
+    model = tiny.backbone("clip", width=64, side_info=True, sie_coef=1.5, vector_noise=0.1).eval()
     assert model.cv_embed.shape == (6, 64) and model.grid_size == (5, 2)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     x = torch.randn(4, 3, 64, 32)
@@ -59,8 +50,8 @@ def test_camera_view_embedding_on_cls_before_position():
         torch.testing.assert_close(other[1:], xproj[1:], atol=1e-5, rtol=1e-5)
 
 
-def test_camera_only_table_and_int_label():
-    model = _randomised(_tiny(camera_num=4))
+def test_camera_only_table_and_int_label(tiny):
+    model = tiny.backbone("clip", width=64, stride_size=16, camera_num=4, vector_noise=0.1).eval()
     state = {k: v.detach() for k, v in model.state_dict().items()}
     x = torch.randn(2, 3, 64, 32)
     with torch.no_grad():
@@ -70,10 +61,10 @@ def test_camera_only_table_and_int_label():
 
 @settings(derandomize=True, deadline=None, max_examples=6)
 @given(geo=rt.geometries(max_side=56, patch_sizes=(8, 16), max_tokens=65), heads=st.sampled_from([1, 2, 4]))
-def test_any_grid_matches_hand_forward(geo, heads):
+def test_any_grid_matches_hand_forward(geo, heads, tiny):
     (h, w), patch, stride = geo
-    model = _randomised(ClipVisual(img_size=(h, w), patch_size=patch, stride_size=stride, width=32, layers=1,
-                                   heads=heads, output_dim=16))
+    model = tiny.backbone("clip", img_size=(h, w), patch_size=patch, stride_size=stride, blocks=1, heads=heads,
+                          output_dim=16, vector_noise=0.1).eval()
     gh, gw = (h - patch) // stride + 1, (w - patch) // stride + 1
     assert model.grid_size == (gh, gw) and model.num_patches == gh * gw
     x = torch.randn(2, 3, h, w)
@@ -85,7 +76,7 @@ def test_any_grid_matches_hand_forward(geo, heads):
     rt.check_backbone(model)
 
 
-def test_attributes_and_no_weight_decay():
+def test_attributes():
     model = ClipVisual(img_size=(256, 128), stride_size=12, width=64, layers=1, heads=4, output_dim=32,
                        camera_num=6)
     assert model.grid_size == (21, 10) and model.num_patches == 210
@@ -94,41 +85,14 @@ def test_attributes_and_no_weight_decay():
     assert (model.width, model.embed_dim, model.out_dim, model.output_dim) == (64, 64, 32, 32)
     assert (model.img_size, model.patch_size, model.stride_size) == ((256, 128), (16, 16), (12, 12))
     assert (model.camera_num, model.view_num, model.sie_coef, model.in_chans) == (6, 0, 1.0, 3)
-    assert model.no_weight_decay() <= {n for n, _ in model.named_parameters()}
-    assert {"positional_embedding", "class_embedding"} <= model.no_weight_decay()
-    without = _tiny()
-    assert without.cv_embed is None and "cv_embed" not in without.state_dict()
 
 
 def test_initialisation_scales():
     torch.manual_seed(0)
-    model = ClipVisual(width=256, layers=4, heads=4, output_dim=128, camera_num=50)
+    model = ClipVisual(width=256, layers=1, heads=4, output_dim=128, camera_num=50)
     s = 256 ** -0.5
     assert abs(model.positional_embedding.std().item() - s) < 0.05 * s
     assert abs(model.proj.std().item() - s) < 0.05 * s
-    block = model.transformer.resblocks[0]
-    assert abs(block.attn.in_proj_weight.std().item() - s) < 0.05 * s
-    proj_std = s * (2 * 4) ** -0.5
-    assert abs(block.attn.out_proj.weight.std().item() - proj_std) < 0.05 * proj_std
-    assert abs(block.mlp.c_fc.weight.std().item() - (2 * 256) ** -0.5) < 0.05 * (2 * 256) ** -0.5
+    # the blocks' scales: test_planted_faults.py::test_clip_initialisation_scales
     # CLIP-ReID's trunc_normal_(cv_embed, std=.02) truncates at +-2 (absolute): a plain normal in effect.
     assert abs(model.cv_embed.std().item() - 0.02) < 0.001 and model.cv_embed.abs().max() < 2
-
-
-def test_errors():
-    with pytest.raises(ConfigError, match="heads"):
-        ClipVisual(width=64, heads=5)
-    with pytest.raises(ConfigError, match="img_size"):
-        ClipVisual(img_size=(8, 8))
-    model = _tiny(camera_num=3)
-    x = torch.randn(2, 3, 64, 32)
-    with pytest.raises(InputError, match="64x32"):
-        model(torch.randn(2, 3, 32, 32), cam_label=0)
-    with pytest.raises(InputError, match="cam_label"):
-        model(x)
-    with pytest.raises(InputError, match=r"\[0, 2\]"):
-        model(x, cam_label=torch.tensor([0, 3]))
-    with pytest.raises(InputError, match="view_num=0"):
-        model(x, cam_label=0, view_label=1)
-    with pytest.raises(InputError, match="camera_num=0"):
-        _tiny()(x, cam_label=0)

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 import reid_ms.backbones._common as common
 import reid_ms.dispatch as dispatch
 import reid_ms.kernels.blocks as blocks
-from _helpers_backbones import tiny_backbone, tiny_labels
 from reid_ms import ClipVisual, InferenceModelError, MultiScaleSlidingWindow, VitTrans, explain_path
 from reid_ms import optimize_for_inference
 from reid_ms.kernels.blocks import BlockParams
@@ -42,8 +41,12 @@ def runner(request) -> str:
     return request.param
 
 
-def _build(kind: str, **overrides) -> torch.nn.Module:
-    return tiny_backbone(kind, 0.5, **overrides)
+@pytest.fixture
+def build(tiny):
+    """``build(kind, **overrides)``: a tiny backbone in eval mode, 64 wide at stride 16 (9 tokens at 64x32),
+    with camera/view tables (labels: ``tiny.labels``) and noisy norms and biases."""
+    return lambda kind, **overrides: tiny.backbone(
+        kind, width=64, side_info=True, vector_noise=0.5, **{"stride_size": 16, **overrides}).eval()
 
 
 def _ops(fn) -> set[str]:
@@ -83,31 +86,31 @@ def _block_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("stride", [16, 12])
-def test_fused_equals_module_path(kind, stride, runner):
-    model = _build(kind, stride_size=stride)
+def test_fused_equals_module_path(kind, stride, runner, build, tiny):
+    model = build(kind, stride_size=stride)
     images = torch.randn(3, 3, 64, 32) * 2
-    fused, module_path = _both_paths(model, images, runner, **tiny_labels(3))
+    fused, module_path = _both_paths(model, images, runner, **tiny.labels(3))
     torch.testing.assert_close(fused, module_path, atol=1e-5, rtol=1e-5)
-    assert not torch.equal(fused, _both_paths(model, images.flip(0), runner, **tiny_labels(3))[0])
+    assert not torch.equal(fused, _both_paths(model, images.flip(0), runner, **tiny.labels(3))[0])
 
 
-def test_fused_clip_unprojected_and_large_activations(runner):
+def test_fused_clip_unprojected_and_large_activations(runner, build, tiny):
     # QuickGELU as swish on 1.702-scaled inputs: also where sigmoid saturates either way
-    model = _build("clip")
+    model = build("clip")
     with torch.no_grad():
         for block in model.transformer.resblocks:
             block.mlp.c_fc.weight.mul_(40)
     images = torch.randn(2, 3, 64, 32)
-    fused, module_path = _both_paths(model, images, runner, project=False, **tiny_labels(2))
+    fused, module_path = _both_paths(model, images, runner, project=False, **tiny.labels(2))
     assert fused.shape == (2, 9, 64)
     torch.testing.assert_close(fused, module_path, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_fused_path_runs_in_inference_only(kind):
-    model = _build(kind)
+def test_fused_path_runs_in_inference_only(kind, build, tiny):
+    model = build(kind)
     images = torch.randn(2, 3, 64, 32)
-    labels = tiny_labels(2)
+    labels = tiny.labels(2)
 
     def fast_ops() -> set[str]:
         return _ops(lambda: model(images, **labels)) & FAST_OPS
@@ -142,43 +145,44 @@ def test_fused_path_runs_in_inference_only(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("max_tokens", "explicit"), [(9, True), (8, False)])
-def test_attention_either_side_of_the_token_threshold(kind, max_tokens, explicit, monkeypatch, runner, two_threads):
+def test_attention_either_side_of_the_token_threshold(kind, max_tokens, explicit, monkeypatch, runner, two_threads,
+                                                      build, tiny):
     # 9 tokens (64x32, stride 16): explicit image-by-image attention up to the threshold, SDPA above it
     monkeypatch.setattr(dispatch, "EXPLICIT_ATTENTION_MAX_TOKENS", max_tokens)
-    model = _build(kind)
+    model = build(kind)
     images = torch.randn(5, 3, 64, 32) * 2
-    ops = _ops(lambda: _fused(model, images, runner, **tiny_labels(5)))
+    ops = _ops(lambda: _fused(model, images, runner, **tiny.labels(5)))
     assert ("aten::baddbmm" in ops) is explicit
     assert any("scaled_dot_product" in op for op in ops) is not explicit
-    fused, module_path = _both_paths(model, images, runner, **tiny_labels(5))
+    fused, module_path = _both_paths(model, images, runner, **tiny.labels(5))
     torch.testing.assert_close(fused, module_path, atol=1e-5, rtol=1e-5)
     torch.set_num_threads(1)  # a thread count outside the per-image range: SDPA at any length
-    ops = _ops(lambda: _fused(model, images, runner, **tiny_labels(5)))
+    ops = _ops(lambda: _fused(model, images, runner, **tiny.labels(5)))
     assert "aten::baddbmm" not in ops and any("scaled_dot_product" in op for op in ops)
     # every image attends over its own tokens only: permuting the batch permutes the outputs
-    flipped = _fused(model, images.flip(0), runner, **{k: v.flip(0) for k, v in tiny_labels(5).items()})
+    flipped = _fused(model, images.flip(0), runner, **{k: v.flip(0) for k, v in tiny.labels(5).items()})
     torch.testing.assert_close(flipped, fused.flip(0), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_forward_hooks_on_blocks_keep_firing(kind):
-    model = _build(kind)
+def test_forward_hooks_on_blocks_keep_firing(kind, build, tiny):
+    model = build(kind)
     images = torch.randn(2, 3, 64, 32)
     seen = []
     handle = _block_layer(model, 1).register_forward_hook(lambda m, i, o: seen.append(o.shape))
     with torch.inference_mode():
-        hooked = model(images, **tiny_labels(2))
-        assert explain_path(model, images, **tiny_labels(2))[0].blocks == "module"
+        hooked = model(images, **tiny.labels(2))
+        assert explain_path(model, images, **tiny.labels(2))[0].blocks == "module"
     handle.remove()
     assert seen[0] == torch.Size([2, 9, 256])
     with torch.inference_mode():
-        torch.testing.assert_close(model(images, **tiny_labels(2)), hooked, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(images, **tiny.labels(2)), hooked, atol=1e-5, rtol=1e-5)
 
 
 # ---- inference follows the weights, whatever changed them ----
 
-def _scaled_copy(kind: str) -> dict[str, torch.Tensor]:
-    other = _build(kind)
+def _scaled_copy(build, kind: str) -> dict[str, torch.Tensor]:
+    other = build(kind)
     with torch.no_grad():
         for p in other.parameters():
             p.mul_(1.5)
@@ -203,7 +207,7 @@ CONVERSION_ROUTES = ["double_float", "half_float", "bfloat16_float", "to_cpu", "
                      "swap_load_state_dict", "swap_load_state_dict_assign"]
 
 
-def _change_weights(model, kind: str, route: str, images, labels) -> None:
+def _change_weights(model, build, kind: str, route: str, images, labels) -> None:
     weights = _block_weights(model)
     if route.startswith("optimizer-"):
         _, name, impl, mode = route.split("-")
@@ -224,11 +228,11 @@ def _change_weights(model, kind: str, route: str, images, labels) -> None:
             for w in weights:
                 w.mul_(1.5)
     elif route.endswith("load_state_dict"):
-        model.load_state_dict(_scaled_copy(kind))
+        model.load_state_dict(_scaled_copy(build, kind))
     elif route.endswith("load_state_dict_assign"):
-        model.load_state_dict(_scaled_copy(kind), assign=True)
+        model.load_state_dict(_scaled_copy(build, kind), assign=True)
     elif route == "ema":
-        target = _scaled_copy(kind)
+        target = _scaled_copy(build, kind)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.mul_(0.5).add_(target[name], alpha=0.5)
@@ -245,16 +249,16 @@ def _change_weights(model, kind: str, route: str, images, labels) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("route", OPTIMIZER_ROUTES + WRITE_ROUTES + CONVERSION_ROUTES)
-def test_inference_follows_the_weights(kind, route):
-    model = _build(kind)
+def test_inference_follows_the_weights(kind, route, build, tiny):
+    model = build(kind)
     images = torch.randn(2, 3, 64, 32) * 2
-    labels = tiny_labels(2)
+    labels = tiny.labels(2)
     swap = route.startswith("swap_")
     previous = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(swap)
     try:
         before = _fused(model, images, **labels)  # an inference first: nothing it leaves behind may go stale
-        _change_weights(model, kind, route, images, labels)
+        _change_weights(model, build, kind, route, images, labels)
         fused, module_path = _both_paths(model, images, **labels)
     finally:
         torch.__future__.set_swap_module_params_on_conversion(previous)
@@ -267,10 +271,10 @@ def test_inference_follows_the_weights(kind, route):
 # ---- the frozen inference copy ----
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_frozen_copy_is_a_snapshot_that_refuses_changes(kind):
-    model = _build(kind)
+def test_frozen_copy_is_a_snapshot_that_refuses_changes(kind, build, tiny):
+    model = build(kind)
     images = torch.randn(2, 3, 64, 32)
-    labels = tiny_labels(2)
+    labels = tiny.labels(2)
     frozen = optimize_for_inference(model)
     first = frozen(images, **labels)
     assert list(frozen.parameters()) == [] and frozen.state_dict() == {}
@@ -293,10 +297,10 @@ def test_frozen_copy_is_a_snapshot_that_refuses_changes(kind):
 @pytest.mark.skipif(not dispatch.MKL_PACKING_AVAILABLE, reason="packed copies exist only with MKL's kernels")
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("write", ["no_grad_mul", "data_assignment"])
-def test_frozen_copy_refuses_stale_packed_weights(kind, write):
+def test_frozen_copy_refuses_stale_packed_weights(kind, write, build):
     # the snapshot is private, but written to anyway (here by reaching into it) it raises instead of
     # computing with copies packed from the old values
-    frozen = optimize_for_inference(_build(kind, camera_num=0, view_num=0))
+    frozen = optimize_for_inference(build(kind, camera_num=0, view_num=0))
     images = torch.randn(2, 3, 64, 32)
     frozen(images)
     (packs,) = frozen.packed_weights.values()
@@ -313,8 +317,8 @@ def test_frozen_copy_refuses_stale_packed_weights(kind, write):
 
 @pytest.mark.skipif(not dispatch.MKL_PACKING_AVAILABLE, reason="packed copies exist only with MKL's kernels")
 @pytest.mark.parametrize("kind", KINDS)
-def test_frozen_copy_pickles_and_copies_without_its_packed_weights(kind):
-    frozen = optimize_for_inference(_build(kind, camera_num=0, view_num=0))
+def test_frozen_copy_pickles_and_copies_without_its_packed_weights(kind, build):
+    frozen = optimize_for_inference(build(kind, camera_num=0, view_num=0))
     images = torch.randn(2, 3, 64, 32)
     reference = frozen(images)
     buffer = io.BytesIO()
@@ -331,13 +335,13 @@ def test_frozen_copy_pickles_and_copies_without_its_packed_weights(kind):
 # ---- chunks, traced and compiled graphs ----
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_large_batches_run_in_chunks_of_whole_images(kind, runner, monkeypatch):
+def test_large_batches_run_in_chunks_of_whole_images(kind, runner, monkeypatch, build, tiny):
     # 9 tokens per image, at most 20 rows a chunk: 11 images, ceil(99 / 20) = 5 chunks wanted, so
     # ceil(11 / 5) = 3 images a chunk: 3, 3, 3, 2, each through both blocks before the next chunk starts
     monkeypatch.setattr(blocks, "CHUNK_ROWS", 20)
-    model = _build(kind)
+    model = build(kind)
     images = torch.randn(11, 3, 64, 32) * 2
-    labels = tiny_labels(11)
+    labels = tiny.labels(11)
     calls = []
     original = blocks.attention
     monkeypatch.setattr(blocks, "attention", lambda q, k, v: calls.append(q.shape[0]) or original(q, k, v))
@@ -348,9 +352,9 @@ def test_large_batches_run_in_chunks_of_whole_images(kind, runner, monkeypatch):
     torch.testing.assert_close(alone, fused[-1:], atol=1e-5, rtol=1e-5)
 
 
-def test_weights_made_in_inference_mode(runner):
+def test_weights_made_in_inference_mode(runner, build):
     with torch.inference_mode():
-        model = _build("vit", camera_num=0, view_num=0)
+        model = build("vit", camera_num=0, view_num=0)
     images = torch.randn(2, 3, 64, 32)
     first = _fused(model, images, runner)
     with torch.inference_mode():
@@ -362,14 +366,14 @@ def test_weights_made_in_inference_mode(runner):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_traced_graphs_hold_no_fused_ops(kind):
+def test_traced_graphs_hold_no_fused_ops(kind, build, tiny):
     # export / jit.trace see the module path: portable graphs of aten ops
-    model = _build(kind)
+    model = build(kind)
     images = torch.randn(2, 3, 64, 32)
-    labels = tiny_labels(2)
+    labels = tiny.labels(2)
     with torch.no_grad():
         exported = torch.export.export(model, (images,), labels)
-        traced = torch.jit.trace(_build(kind, camera_num=0, view_num=0), images, check_trace=False)
+        traced = torch.jit.trace(build(kind, camera_num=0, view_num=0), images, check_trace=False)
         reference = model(images, **labels)
         torch.testing.assert_close(exported.module()(images, **labels), reference, atol=1e-5, rtol=1e-5)
     for graph in (str(exported.graph), str(traced.inlined_graph)):
@@ -391,10 +395,10 @@ def _compiled_graphs(model: torch.nn.Module, run) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_compiled_inference_calls_the_fused_path_as_one_op(kind):
-    model = _build(kind)
+def test_compiled_inference_calls_the_fused_path_as_one_op(kind, build, tiny):
+    model = build(kind)
     images = torch.randn(5, 3, 64, 32) * 2
-    labels = tiny_labels(5)
+    labels = tiny.labels(5)
     fused, module_path = _both_paths(model, images, **labels)
     results = []
 
@@ -409,11 +413,11 @@ def test_compiled_inference_calls_the_fused_path_as_one_op(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_compiled_and_eager_take_the_same_path(kind):
+def test_compiled_and_eager_take_the_same_path(kind, build, tiny):
     # training, autocast, input gradients, hooks and oneDNN switched off: the module path, eager and compiled
-    model = _build(kind)
+    model = build(kind)
     images = torch.randn(2, 3, 64, 32)
-    labels = tiny_labels(2)
+    labels = tiny.labels(2)
 
     def train_step(compiled):
         compiled(images, **labels).square().mean().backward()
@@ -443,11 +447,11 @@ def test_compiled_and_eager_take_the_same_path(kind):
     assert len(graphs) == 5 and not any("fused_blocks" in g for g in graphs)
 
 
-def test_fused_blocks_op_registration():
+def test_fused_blocks_op_registration(build):
     # schema, fake (shape) implementation and eager kernel agree: torch.library's own consistency check
     from reid_ms.kernels.compiled import run_compiled
 
-    model = _build("vit", camera_num=0, view_num=0)
+    model = build("vit", camera_num=0, view_num=0)
     tokens = torch.randn(3, 9, 64)
     params = [model.block_params(b) for b in model.blocks]
     assert all(isinstance(p, BlockParams) for p in params)
@@ -462,10 +466,10 @@ def test_fused_blocks_op_registration():
 # ---- one decision, reported ----
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_explain_path_names_the_path_that_ran_and_why(kind, two_threads):
-    model = _build(kind)
+def test_explain_path_names_the_path_that_ran_and_why(kind, two_threads, build, tiny):
+    model = build(kind)
     images = torch.randn(2, 3, 64, 32)
-    labels = tiny_labels(2)
+    labels = tiny.labels(2)
 
     def explained():
         return explain_path(model, images, **labels)[0]
@@ -498,10 +502,10 @@ def test_explain_path_names_the_path_that_ran_and_why(kind, two_threads):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_checkpointing_follows_one_rule_for_both_backbones(kind, monkeypatch):
-    model = _build(kind)
+def test_checkpointing_follows_one_rule_for_both_backbones(kind, monkeypatch, build, tiny):
+    model = build(kind)
     images = torch.randn(2, 3, 64, 32)
-    labels = tiny_labels(2)
+    labels = tiny.labels(2)
     reference = model(images, **labels)
     model.set_grad_checkpointing(True)
     calls = []
@@ -546,8 +550,8 @@ def test_dense_neck_inference_equals_the_convolution():
     torch.testing.assert_close(out[:, 1:], tokens[:, 1:], atol=0, rtol=0)
 
 
-def test_empty_token_batch_through_the_blocks():
+def test_empty_token_batch_through_the_blocks(build):
     # forward() refuses an empty batch; forward_blocks() on tokens passes it through like the module path
-    model = _build("vit")
+    model = build("vit")
     with torch.inference_mode():
         assert model.forward_blocks(torch.randn(0, 9, 64)).shape == (0, 9, 64)

@@ -57,20 +57,16 @@ def _dense_neck_by_hand(d: int, scales: tuple[int, ...], batch: int) -> int:
     return batch * sum(2 * d * d * s * s for s in scales)
 
 
-def test_built_model_counts_the_dense_neck_and_the_adapter():
-    import reid_ms
-
-    # stride 12: a 5 x 2 grid that no window divides; batch 2
-    vit = dict(img_size=(64, 32), stride_size=12, embed_dim=32, depth=1, num_heads=4)
-    model = reid_ms.build("vit_b16_ms", scales=(2, 4), **vit).eval()
-    images = torch.randn(2, 3, 64, 32)
+def test_built_model_counts_the_dense_neck_and_the_adapter(tiny):
+    # the tiny size: width 32, stride 12 at 64x32, a 5 x 2 grid that no window of (2, 4) divides; batch 2
+    model = tiny.build("vit_b16_ms", blocks=1).eval()
+    images = tiny.images(2)
     assert count_flops(model, images) == _vit_by_hand(32, 1, (5, 2), 2) + _dense_neck_by_hand(32, (2, 4), 2)
-    # the adapter: one Linear(24 -> 40) on each of the 1 + 4 * 2 tokens
-    clip = reid_ms.build("clip_b16_adapt_ms", img_size=(64, 32), width=32, layers=1, heads=4, output_dim=24,
-                         adapt_dim=40, scales=(2, 4)).eval()
-    bare = reid_ms.ClipVisual(img_size=(64, 32), width=32, layers=1, heads=4, output_dim=24).eval()
+    # the adapter: one Linear(24 -> 40) on each of the 1 + 5 * 2 tokens
+    clip = tiny.build("clip_b16_adapt_ms", blocks=1).eval()
+    bare = tiny.backbone("clip", blocks=1).eval()
     extra = count_flops(clip, images) - count_flops(bare, images)
-    assert extra == 2 * 2 * 9 * 24 * 40 + _dense_neck_by_hand(40, (2, 4), 2)
+    assert extra == 2 * 2 * 11 * 24 * 40 + _dense_neck_by_hand(40, (2, 4), 2)
 
 
 def test_full_size_vit_b16_ms_at_stride_12_by_hand():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import reid_ms
 from reid_ms import BNNeckHead, ConfigError, DimAdapter, MultiScaleSlidingWindow, ReIDModel, build, list_models
 from reid_ms.registry import get_spec
 
@@ -125,7 +124,7 @@ def test_pretrained_reid_checkpoint_fills_the_head(name, wrap, head_prefix, widt
 
 
 def test_assembly_checks_widths(tiny):
-    backbone = reid_ms.VitTrans(**tiny.BACKBONES["VitTrans"])
+    backbone = tiny.backbone("vit")
     with pytest.raises(ConfigError, match="feat_dim=32"):
         ReIDModel(backbone, neck=MultiScaleSlidingWindow(16))
     with pytest.raises(ConfigError, match="in_dim=32"):

@@ -1,26 +1,10 @@
-"""Speed features of the backbones: bf16 autocast on fp16 CLIP weights, compile with labels."""
+"""Speed features of the backbones: bf16 autocast on fp16 CLIP weights (compiling with labels: test_backbones.py)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from _helpers_backbones import tiny_backbone, tiny_labels
 from reid_ms import ClipVisual, load_clip_weights
-
-def _build(kind: str) -> torch.nn.Module:
-    return tiny_backbone(kind, 0.1)
-
-
-@pytest.mark.parametrize("kind", ["vit", "clip"])
-def test_compile_fullgraph_with_labels(kind):
-    model = _build(kind)
-    images = torch.randn(5, 3, 64, 32)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
-    with torch.inference_mode():
-        torch.testing.assert_close(compiled(images, **tiny_labels(5)), model(images, **tiny_labels(5)),
-                                   atol=1e-5, rtol=1e-5)
 
 
 def _fp16_openai_state(model: ClipVisual) -> dict[str, torch.Tensor]:

@@ -43,32 +43,25 @@ def test_vit_dropout_rates_do_nothing_in_eval(fused):
     torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_dropout_alone_is_off_in_eval():
-    # attention dropout by itself, so that a fault there is not hidden by the other rates' effect
-    torch.manual_seed(0)
-    dropping = VitTrans(img_size=IMG, embed_dim=32, depth=2, num_heads=4, attn_drop_rate=0.9, drop_path_rate=0.0)
-    plain = VitTrans(img_size=IMG, embed_dim=32, depth=2, num_heads=4, drop_path_rate=0.0)
-    plain.load_state_dict(dropping.state_dict())
-    images = torch.randn(2, 3, *IMG, generator=torch.Generator().manual_seed(2))
-    for fused in (True, False):
-        dropping.set_fused_inference(fused)
-        plain.set_fused_inference(fused)
-        with torch.inference_mode():
-            torch.testing.assert_close(dropping.eval()(images), plain.eval()(images), rtol=1e-5, atol=1e-5)
-
-
-def test_clip_is_deterministic_in_eval_on_both_paths():
-    # CLIP has no dropout; its two inference paths give one answer, call after call
-    torch.manual_seed(0)
-    clip = ClipVisual(img_size=IMG, width=32, layers=2, heads=4, output_dim=16).eval()
-    images = torch.randn(2, 3, *IMG, generator=torch.Generator().manual_seed(3))
-    outs = []
-    for fused in (True, False, True):
-        clip.set_fused_inference(fused)
-        with torch.no_grad():
-            outs.append(clip(images))
-    torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=0)
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("kind", ["vit", "clip"])
+def test_eval_repeats_and_takes_no_dropout_on_both_paths(kind, tiny):
+    # ViT's attention dropout by itself, so that a fault there is not hidden by the other rates' effect;
+    # CLIP has no dropout: its model is its own reference. Both inference paths give one answer, call after call.
+    rates = dict(attn_drop_rate=0.9) if kind == "vit" else {}
+    model = tiny.backbone(kind, **rates).eval()
+    plain = tiny.backbone(kind).eval()
+    plain.load_state_dict(model.state_dict())
+    images = tiny.images(2, seed=2)
+    for grad_mode in (torch.no_grad, torch.inference_mode):
+        outs = []
+        for fused in (True, False, True):
+            model.set_fused_inference(fused)
+            plain.set_fused_inference(fused)
+            with grad_mode():
+                outs.append(model(images))
+                torch.testing.assert_close(outs[-1], plain(images), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=0)
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
 # -- the evaluation resize -------------------------------------------------------------------------

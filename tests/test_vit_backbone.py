@@ -1,5 +1,5 @@
-"""VitTrans: grid arithmetic, TransReID's SIE rule, parity with timm's ViT, gradients (checkpointing and
-compiled graphs: test_backbones.py)."""
+"""VitTrans: grid arithmetic, TransReID's SIE rule, parity with timm's ViT (what both backbones share, gradients,
+labels and errors among it: test_backbones.py)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,13 @@ import math
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from timm.layers import set_fused_attn
 from timm.models.vision_transformer import VisionTransformer
 
 import reid_ms
-from reid_ms import ConfigError, InputError, VitTrans
+from reid_ms import VitTrans
 from reid_ms import testing as rt
 from _helpers_vit import bilinear_grid, timm_vit, transreid_forward
-
-
-def tiny(**kw) -> VitTrans:
-    args = dict(img_size=(64, 32), embed_dim=32, depth=2, num_heads=4, drop_path_rate=0.0)
-    args.update(kw)
-    torch.manual_seed(args.pop("seed", 0))
-    return VitTrans(**args)
 
 
 @pytest.mark.parametrize("img_size, stride, grid", [
@@ -50,9 +42,9 @@ def test_grid_matches_the_convolution(geo, table):
     rt.check_backbone(model)
 
 
-def test_tokens_are_row_major():
+def test_tokens_are_row_major(tiny):
     """Token 1 + r*W + c is the patch at row r, column c: the conv output flattened row by row."""
-    model = tiny(depth=1).eval()
+    model = tiny.backbone("vit", blocks=1).eval()
     images = torch.randn(2, 3, 64, 32)
     conv = model.patch_embed.proj(images)  # [B, D, H, W]
     tokens = model.patch_embed(images)
@@ -65,8 +57,8 @@ CAMERA_VIEW = [(0, 0), (4, 0), (0, 3), (4, 3)]
 
 
 @pytest.mark.parametrize("camera_num, view_num", CAMERA_VIEW)
-def test_matches_transreid_forward_written_out(camera_num, view_num):
-    model = tiny(stride_size=12, camera_num=camera_num, view_num=view_num).eval()
+def test_matches_transreid_forward_written_out(camera_num, view_num, tiny):
+    model = tiny.backbone("vit", stride_size=12, camera_num=camera_num, view_num=view_num).eval()
     images = torch.randn(3, 3, 64, 32)
     cams = torch.tensor([0, 3, 1]) if camera_num else None
     views = torch.tensor([2, 0, 1]) if view_num else None
@@ -80,8 +72,8 @@ def test_matches_transreid_forward_written_out(camera_num, view_num):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_sie_vector_added_to_every_token():
-    model = tiny(camera_num=3, view_num=2, sie_coef=2.5).eval()
+def test_sie_vector_added_to_every_token(tiny):
+    model = tiny.backbone("vit", camera_num=3, view_num=2, sie_coef=2.5).eval()
     images = torch.randn(2, 3, 64, 32)
     with torch.no_grad():
         a = model.embed(images, cam_label=torch.tensor([0, 1]), view_label=torch.tensor([1, 0]))
@@ -92,21 +84,11 @@ def test_sie_vector_added_to_every_token():
     torch.testing.assert_close(diff, (2.5 * (sie[[1, 2]] - sie[[4, 3]])).expand_as(diff), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("camera_num, view_num", CAMERA_VIEW[1:])
-def test_labels_as_int_list_and_tensor_agree(camera_num, view_num):
-    model = tiny(camera_num=camera_num, view_num=view_num).eval()
-    images = torch.randn(2, 3, 64, 32)
-    kw_int = dict(cam_label=1 if camera_num else None, view_label=2 if view_num else None)
-    kw_t = {k: torch.tensor([v, v]) if v is not None else None for k, v in kw_int.items()}
-    with torch.no_grad():
-        torch.testing.assert_close(model(images, **kw_int), model(images, **kw_t), atol=0, rtol=0)
-
-
-def test_matches_timm_vit_with_resized_position_table():
+def test_matches_timm_vit_with_resized_position_table(tiny):
     """Same weights in timm's VisionTransformer (built at 64x32) and VitTrans give the same tokens."""
     ref = timm_vit(img_size=(64, 64))
     state = ref.state_dict()
-    model = tiny(embed_dim=32)
+    model = tiny.backbone("vit", stride_size=16)  # a 4 x 2 grid, timm's at 64x32
     model.load_state_dict(dict(state, pos_embed=bilinear_grid(state["pos_embed"], (4, 4), (4, 2))))
     model.eval()
     oracle = timm_vit(img_size=(64, 32))
@@ -116,26 +98,15 @@ def test_matches_timm_vit_with_resized_position_table():
         torch.testing.assert_close(model(images), oracle.forward_features(images), atol=1e-5, rtol=1e-5)
 
 
-def test_parameter_names_are_timms():
-    model = tiny(camera_num=2)
+def test_parameter_names_are_timms(tiny):
+    model = tiny.backbone("vit", camera_num=2)
     ref = timm_vit(img_size=(64, 32))
     assert set(model.state_dict()) == set(ref.state_dict()) | {"sie_embed"}
     assert model.sie_embed.shape == (2, 1, 32)
-    assert "sie_embed" not in tiny().state_dict()
 
 
-@pytest.mark.parametrize("camera_num, view_num", CAMERA_VIEW)
-def test_gradient_reaches_every_parameter(camera_num, view_num):
-    model = tiny(camera_num=camera_num, view_num=view_num).train()
-    kw = dict(cam_label=torch.tensor([0, 1]) if camera_num else None,
-              view_label=torch.tensor([1, 2]) if view_num else None)
-    model(torch.randn(2, 3, 64, 32), **kw).square().mean().backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-
-
-def test_forward_blocks_can_stop_before_the_last_block():
-    model = tiny(depth=3).eval()
+def test_forward_blocks_can_stop_before_the_last_block(tiny):
+    model = tiny.backbone("vit", blocks=3).eval()
     images = torch.randn(2, 3, 64, 32)
     with torch.no_grad():
         x = model.embed(images)
@@ -146,11 +117,11 @@ def test_forward_blocks_can_stop_before_the_last_block():
         torch.testing.assert_close(model.norm(model.blocks[2](partial_run)), model(images), atol=1e-5, rtol=1e-5)
 
 
-def test_fused_attention_even_when_timm_default_is_off():
+def test_fused_attention_even_when_timm_default_is_off(tiny):
     # timm's unfused attention materialises [B, heads, T, T] through softmax: the blocks never take it
     set_fused_attn(False)
     try:
-        model = tiny().eval()
+        model = tiny.backbone("vit").eval()
         model.set_fused_inference(False)
         with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             model(torch.randn(2, 3, 64, 32))
@@ -173,54 +144,10 @@ def test_transreid_initialisation():
     assert model.pos_embed.std().item() == pytest.approx(0.02, rel=0.2)
 
 
-def test_no_weight_decay_names_parameters():
-    model = tiny(camera_num=2)
-    names = dict(model.named_parameters())
-    assert model.no_weight_decay() == {"pos_embed", "cls_token", "sie_embed"}
-    assert all(n in names for n in model.no_weight_decay())
-
-
 def test_drop_path_schedule():
     model = VitTrans(img_size=(32, 32), embed_dim=16, depth=4, num_heads=2, drop_path_rate=0.3)
     rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in model.blocks]
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(embed_dim=30, num_heads=4), "not divisible by num_heads"),
-    (dict(img_size=(8, 32)), "smaller than patch_size"),
-    (dict(img_size=(64, 32, 3)), "img_size"),
-    (dict(stride_size=0), "stride_size"),
-    (dict(camera_num=-1), "camera_num"),
-])
-def test_config_errors(kwargs, match):
-    with pytest.raises(ConfigError, match=match):
-        tiny(**kwargs)
-
-
-@pytest.mark.parametrize("images, match", [
-    (torch.randn(2, 1, 64, 32), "in_chans=3"),
-    (torch.randn(2, 3, 64, 64), "64x32"),
-    (torch.randn(3, 64, 32), "unsqueeze"),
-    (torch.zeros(2, 3, 64, 32, dtype=torch.uint8), "floating-point"),
-])
-def test_image_errors(images, match):
-    with pytest.raises(InputError, match=match):
-        tiny()(images)
-
-
-@pytest.mark.parametrize("camera_num, view_num, kw, match", [
-    (3, 0, dict(), "needs cam_label"),
-    (0, 2, dict(cam_label=torch.tensor([0, 1]), view_label=torch.tensor([0, 1])), "camera_num=0"),
-    (3, 0, dict(cam_label=torch.tensor([0, 3])), r"\[0, 2\]"),
-    (3, 0, dict(cam_label=torch.tensor([-1, 0])), r"\[0, 2\]"),
-    (3, 2, dict(cam_label=torch.tensor([0, 1]), view_label=torch.tensor([0, 2])), "view_num=2"),
-    (3, 0, dict(cam_label=torch.tensor([0.0, 1.0])), "integer"),
-    (3, 0, dict(cam_label=torch.tensor([0, 1, 2])), "one label per image"),
-])
-def test_label_errors(camera_num, view_num, kw, match):
-    with pytest.raises(InputError, match=match):
-        tiny(camera_num=camera_num, view_num=view_num)(torch.randn(2, 3, 64, 32), **kw)
 
 
 def test_exported_from_package():
