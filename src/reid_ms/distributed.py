@@ -9,7 +9,7 @@ all-reduces everywhere else.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.distributed as dist
@@ -105,8 +105,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``[N, C, *]`` -> ``[N, C, *]``, normalised with the statistics of every process's batch in training."""
-        if _torch_syncs_on(input.device.type):
-            return nn.SyncBatchNorm.forward(self, input)
+        if _torch_syncs_on(input.device.type):  # self has every attribute torch's forward reads
+            return nn.SyncBatchNorm.forward(cast(nn.SyncBatchNorm, self), input)
         group = self._sync_group()
         if group is None:
             return super().forward(input)
@@ -131,6 +131,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         var = _AllReduceSum.apply(centered.square().sum(dims), group) / total
 
         if self.track_running_stats:
+            assert self.num_batches_tracked is not None and self.running_mean is not None and self.running_var is not None
             self.num_batches_tracked.add_(1)
             factor = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
             with torch.no_grad():  # BatchNorm's update, in float64 as its CPU kernel does
