@@ -171,11 +171,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Optional[Any] = Non
                                   module.track_running_stats, process_group, device="meta",
                                   bias=module.bias is not None)
         # the very objects, not copies: gradients, optimizers and requires_grad stay attached
-        converted.weight = module.weight
-        converted.bias = module.bias
-        converted.running_mean = module.running_mean
-        converted.running_var = module.running_var
-        converted.num_batches_tracked = module.num_batches_tracked
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            setattr(converted, name, getattr(module, name))
         converted.train(module.training)
         if hasattr(module, "qconfig"):
             converted.qconfig = module.qconfig

@@ -214,17 +214,15 @@ class FeatureExtractor:
             cam = 0 if self.camera_num > 0 else None
             view = 0 if self.view_num > 0 else None
             return cam, view, cam_label
-        if cam_label is not None and not isinstance(cam_label, int):
-            cam_label = torch.as_tensor(cam_label)
-            if cam_label.dim() != 1 or cam_label.shape[0] != count:
-                raise InputError(f"cam_label must be an int or hold one label per image ({count}), got shape "
-                                 f"{tuple(cam_label.shape)}")
-        if view_label is not None and not isinstance(view_label, int):
-            view_label = torch.as_tensor(view_label)
-            if view_label.dim() != 1 or view_label.shape[0] != count:
-                raise InputError(f"view_label must be an int or hold one label per image ({count}), got shape "
-                                 f"{tuple(view_label.shape)}")
-        return cam_label, view_label, None
+        labels = []
+        for name, label in (("cam_label", cam_label), ("view_label", view_label)):
+            if label is not None and not isinstance(label, int):
+                label = torch.as_tensor(label)
+                if label.dim() != 1 or label.shape[0] != count:
+                    raise InputError(f"{name} must be an int or hold one label per image ({count}), got shape "
+                                     f"{tuple(label.shape)}")
+            labels.append(label)
+        return labels[0], labels[1], None
 
     # -- embedding --------------------------------------------------------------------------------
 
