@@ -131,7 +131,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         var = _AllReduceSum.apply(centered.square().sum(dims), group) / total
 
         if self.track_running_stats:
-            assert self.num_batches_tracked is not None and self.running_mean is not None and self.running_var is not None
+            assert (self.num_batches_tracked is not None and self.running_mean is not None
+                    and self.running_var is not None)  # BatchNorm's buffers when it tracks running statistics
             self.num_batches_tracked.add_(1)
             factor = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
             with torch.no_grad():  # BatchNorm's update, in float64 as its CPU kernel does

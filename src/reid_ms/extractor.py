@@ -17,10 +17,10 @@ There is no default: calling such a model without ``cam_label`` is an error nami
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Optional, Union
 

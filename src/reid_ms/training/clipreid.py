@@ -29,8 +29,7 @@ from reid_ms.backbones.clip import ClipVisual
 from reid_ms.backbones.clip_text import ClipText, PromptLearner, template_for
 from reid_ms.clipreid import Stage1Config, extract_image_features, image_to_text_loss, learn_prompts
 from reid_ms.errors import ConfigError
-from reid_ms.models import BuiltModel
-from reid_ms.models.base import label_inputs
+from reid_ms.models.base import BuiltModel, label_inputs
 from reid_ms.training.checkpoint import write_jsonl
 from reid_ms.training.curves import plot_curves
 from reid_ms.training.recipes import TrainHook
@@ -137,7 +136,7 @@ class ClipReidTextStage(TrainHook):
             raise ConfigError("the clipreid recipe's image-to-text loss takes one feature per image; this model "
                               "returns several (a JPM model)")
         image = features if self._handle is None else self._backbone_cls
-        assert image is not None and self.text_features is not None  # set by the hook's forward / before_training
+        assert image is not None and self.text_features is not None  # by the forward hook and before_training
         return context.recipe.i2t_weight * image_to_text_loss(image.float(), self.text_features, pids)
 
     # -- resume --------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from reid_ms import data, losses, optim
+from reid_ms._validate import positive_int
 from reid_ms.distributed import convert_sync_batchnorm
 from reid_ms.errors import ConfigError, InputError
 from reid_ms.metrics import evaluate
@@ -159,10 +160,7 @@ def train(
         raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if amp is not None and amp not in AMP_DTYPES:
         raise ConfigError(f"amp must be one of {tuple(AMP_DTYPES)} or None, got {amp!r}")
-    if not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed must be an int >= 0, got {seed!r}")
-    if not isinstance(workers, int) or workers < 0:
-        raise ConfigError(f"workers must be an int >= 0, got {workers!r}")
+    seed, workers = positive_int(seed, "seed", minimum=0), positive_int(workers, "workers", minimum=0)
 
     rank, world, dev, own_group = _distributed(device)
     try:
@@ -306,8 +304,9 @@ class _Run:
         groups = optim.param_groups(model, base_lr=recipe.lr, weight_decay=recipe.weight_decay,
                                     bias_lr_factor=recipe.bias_lr_factor, weight_decay_bias=recipe.weight_decay_bias,
                                     large_fc_lr=recipe.large_fc_lr)
-        self.optimizer: torch.optim.Optimizer = (torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum)
-                                                 if recipe.optimizer == "sgd" else torch.optim.Adam(groups, lr=recipe.lr))
+        self.optimizer: torch.optim.Optimizer = (
+            torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum) if recipe.optimizer == "sgd"
+            else torch.optim.Adam(groups, lr=recipe.lr))
         # metrics.jsonl's "lr" is that of a group at the recipe's lr (not a bias group at bias_lr_factor x)
         self.lr_group = next((i for i, g in enumerate(self.optimizer.param_groups) if g["lr"] == recipe.lr), 0)
         self.scheduler = optim.build_scheduler(
@@ -392,7 +391,8 @@ class _Run:
         for images, pids, cams, views in bar:
             pids = pids.to(device, non_blocking=True)
             with self.autocast():
-                logits, features = self.wrapped(_to(images, device), **label_inputs(self.model.backbone, cams, views, device))
+                logits, features = self.wrapped(_to(images, device),
+                                                **label_inputs(self.model.backbone, cams, views, device))
                 loss = self.criterion(logits, features, pids)
                 for hook in recipe.hooks:
                     extra = hook.extra_loss(self.context, logits, features, pids)
@@ -467,7 +467,8 @@ class _Run:
         with torch.inference_mode():
             for images, pid, cam, view in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not self.progress):
                 with self.autocast():
-                    emb = self.model(_to(images, self.device), **label_inputs(self.model.backbone, cam, view, self.device))
+                    emb = self.model(_to(images, self.device),
+                                     **label_inputs(self.model.backbone, cam, view, self.device))
                 feats.append(emb.float().cpu())
                 pids.append(pid)
                 cams.append(cam)
