@@ -174,8 +174,7 @@ def evaluate(
     if not isinstance(metric, str) or metric not in METRICS:
         raise InputError(f"metric must be one of {METRICS}, got {metric!r}")
     max_rank, chunk_size = _count(max_rank, "max_rank"), _count(chunk_size, "chunk_size")
-    q = _features(qf, "qf")
-    g = _features(gf, "gf")
+    q, g = _features(qf, "qf"), _features(gf, "gf")
     if q.shape[1] != g.shape[1]:
         raise InputError(f"query features are {q.shape[1]} wide but gallery features {g.shape[1]}; "
                          f"extract both with the same model")
