@@ -28,7 +28,7 @@ from torch import nn
 from reid_ms.backbones._common import Label
 from reid_ms.errors import ConfigError, InputError
 from reid_ms.export import export_onnx
-from reid_ms.models.multimodal import MultiModalReIDModel
+from reid_ms.models import BuiltModel, MultiModalReIDModel
 
 __all__ = ["quantize", "OnnxRuntimeModel", "BACKENDS"]
 
@@ -48,7 +48,7 @@ class OnnxRuntimeModel:
         threads: ONNX Runtime's intra-op threads; ``None``: ``torch.get_num_threads()``.
     """
 
-    def __init__(self, onnx_model: bytes | str | os.PathLike, source: nn.Module, threads: int | None = None) -> None:
+    def __init__(self, onnx_model: bytes | str | os.PathLike, source: BuiltModel, threads: int | None = None) -> None:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
@@ -56,12 +56,10 @@ class OnnxRuntimeModel:
         model = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
         self.session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.feat_dim = int(source.feat_dim)
+        self.feat_dim, self.model_name = source.feat_dim, source.model_name
         self.pretrained_cfg = getattr(source, "pretrained_cfg", None)
-        self.model_name = getattr(source, "model_name", None)
-        backbone = getattr(source, "backbone", source)
-        self.camera_num = int(getattr(backbone, "camera_num", 0))
-        self.view_num = int(getattr(backbone, "view_num", 0))
+        self.camera_num = int(getattr(source.backbone, "camera_num", 0))
+        self.view_num = int(getattr(source.backbone, "view_num", 0))
 
     def __call__(self, images: torch.Tensor, cam_label: Label = None, view_label: Label = None) -> torch.Tensor:
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
@@ -83,7 +81,7 @@ class OnnxRuntimeModel:
         return torch.from_numpy(self.session.run(None, feed)[0])
 
 
-def _onnxruntime_int8(model: nn.Module, threads: int | None) -> OnnxRuntimeModel:
+def _onnxruntime_int8(model: BuiltModel, threads: int | None) -> OnnxRuntimeModel:
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as exc:
@@ -127,7 +125,7 @@ def quantize(model: nn.Module, backend: str = "onnxruntime", threads: int | None
     if isinstance(model, MultiModalReIDModel):
         raise ConfigError("quantize takes single-image models; export a multi-modal model with reid_ms.export_onnx "
                           "and quantise the graph with onnxruntime.quantization")
-    if not hasattr(model, "feat_dim"):
+    if not isinstance(model, BuiltModel):
         raise ConfigError(f"quantize expects a model from reid_ms.build, got {type(model).__name__}")
     if next(model.parameters()).device.type != "cpu":
         raise ConfigError("int8 quantisation here targets the CPU; move the model with model.cpu() first")

@@ -9,7 +9,7 @@ all-reduces everywhere else.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.distributed as dist
@@ -105,8 +105,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``[N, C, *]`` -> ``[N, C, *]``, normalised with the statistics of every process's batch in training."""
-        if _torch_syncs_on(input.device.type):
-            return nn.SyncBatchNorm.forward(self, input)
+        if _torch_syncs_on(input.device.type):  # self has every attribute torch's forward reads
+            return nn.SyncBatchNorm.forward(cast(nn.SyncBatchNorm, self), input)
         group = self._sync_group()
         if group is None:
             return super().forward(input)
@@ -131,6 +131,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         var = _AllReduceSum.apply(centered.square().sum(dims), group) / total
 
         if self.track_running_stats:
+            assert (self.num_batches_tracked is not None and self.running_mean is not None
+                    and self.running_var is not None)  # BatchNorm's buffers when it tracks running statistics
             self.num_batches_tracked.add_(1)
             factor = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
             with torch.no_grad():  # BatchNorm's update, in float64 as its CPU kernel does
@@ -170,11 +172,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Optional[Any] = Non
                                   module.track_running_stats, process_group, device="meta",
                                   bias=module.bias is not None)
         # the very objects, not copies: gradients, optimizers and requires_grad stay attached
-        converted.weight = module.weight
-        converted.bias = module.bias
-        converted.running_mean = module.running_mean
-        converted.running_var = module.running_var
-        converted.num_batches_tracked = module.num_batches_tracked
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            setattr(converted, name, getattr(module, name))
         converted.train(module.training)
         if hasattr(module, "qconfig"):
             converted.qconfig = module.qconfig

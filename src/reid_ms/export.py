@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from reid_ms.errors import ConfigError, InputError
-from reid_ms.models.base import pack_call, random_inputs
+from reid_ms.models.base import BuiltModel, pack_call, random_inputs
 
 __all__ = ["example_inputs", "call_args", "export_program", "export_onnx", "onnx_max_error"]
 
@@ -44,7 +44,7 @@ def example_inputs(model: nn.Module, batch: int = EXAMPLE_BATCH,
         ``"tir"``, each of that shape), plus ``"cam_label"`` / ``"view_label"`` ``[batch]`` int64 in
         range for the tables the model was built with. :func:`call_args` turns them into the call.
     """
-    if hasattr(model, "example_inputs"):
+    if isinstance(model, BuiltModel):
         return model.example_inputs(batch, generator)
     return random_inputs(model, ("images",), batch, generator, next(model.parameters()).device)
 

@@ -17,10 +17,10 @@ There is no default: calling such a model without ``cam_label`` is an error nami
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -32,7 +32,7 @@ from torch import nn
 
 from reid_ms.data import list_images
 from reid_ms.errors import ConfigError, InputError
-from reid_ms.models.multimodal import MultiModalReIDModel
+from reid_ms.models import BuiltModel, MultiModalReIDModel
 from reid_ms.preprocess import image_transform, model_input_config, resize_tensor
 
 __all__ = ["FeatureExtractor", "BoxMOTAdapter", "CAMERA_POLICIES"]
@@ -53,15 +53,14 @@ def _side_info_table(backbone: nn.Module) -> Optional[str]:
     return None
 
 
-@contextlib.contextmanager
-def _table_policy(backbone: nn.Module, policy: str) -> Iterator[None]:
+@contextmanager
+def _table_policy(backbone: nn.Module, name: str, policy: str) -> Iterator[None]:
     """While active, every row of the camera/view table is its mean (``"mean"``) or zero (``"none"``).
 
     The table is swapped for the duration of the call only and restored afterwards, so the model and
     its parameters are untouched; with every row equal, any label selects that row.
     """
-    name = _side_info_table(backbone)
-    original = backbone._parameters[name]
+    original: nn.Parameter = getattr(backbone, name)
     data = original.detach()
     if policy == "mean":
         replaced = data.mean(dim=0, keepdim=True).expand_as(data).clone()
@@ -108,18 +107,16 @@ class FeatureExtractor:
                 raise ConfigError(f"weights {str(weights)!r} does not exist or is not a file")
             model = build(model, pretrained=None if weights is None else str(weights), **build_overrides)
             device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        elif isinstance(model, nn.Module):
+        elif isinstance(model, BuiltModel):
             if weights is not None or build_overrides:
                 raise ConfigError("weights and build arguments go with a model name; a built model is used as it "
                                   "is (load weights into it with reid_ms.build(name, pretrained=...))")
         else:
-            raise ConfigError(f"model must be a registered name or a built reid_ms model, got {type(model).__name__}")
+            raise ConfigError(f"model must be a registered name or a built reid_ms model (with a backbone and "
+                              f"feat_dim; build one with reid_ms.build), got {type(model).__name__}")
         if isinstance(model, MultiModalReIDModel):
             raise ConfigError(f"{type(model).__name__} takes one image per modality ({', '.join(model.modalities)}); "
                               f"call it with a dict of batches instead of a FeatureExtractor")
-        if not hasattr(model, "backbone") or not hasattr(model, "feat_dim"):
-            raise ConfigError(f"{type(model).__name__} is not a reid_ms model (no backbone / feat_dim); build one "
-                              f"with reid_ms.build")
         if device is not None:
             model = model.to(device)
         self.model = model.eval()
@@ -127,11 +124,12 @@ class FeatureExtractor:
         self.batch_size = batch_size
         self.flip = flip
         self.cfg = model_input_config(model)
-        self.feat_dim = int(model.feat_dim)
+        self.feat_dim = model.feat_dim
         backbone = model.backbone
         self.camera_num = int(getattr(backbone, "camera_num", 0))
         self.view_num = int(getattr(backbone, "view_num", 0))
-        self.camera_table = _side_info_table(backbone) is not None
+        self._table = _side_info_table(backbone)
+        self.camera_table = self._table is not None
         self._transform = image_transform(self.cfg)
 
     # -- inputs -----------------------------------------------------------------------------------
@@ -152,7 +150,7 @@ class FeatureExtractor:
         out: list[ImageLike] = []
         for item in items:
             if isinstance(item, (str, os.PathLike)) and Path(item).is_dir():
-                out.extend(list_images(item))
+                out.extend(list_images(Path(item)))
             else:
                 out.append(item)
         return out
@@ -216,17 +214,15 @@ class FeatureExtractor:
             cam = 0 if self.camera_num > 0 else None
             view = 0 if self.view_num > 0 else None
             return cam, view, cam_label
-        if cam_label is not None and not isinstance(cam_label, int):
-            cam_label = torch.as_tensor(cam_label)
-            if cam_label.dim() != 1 or cam_label.shape[0] != count:
-                raise InputError(f"cam_label must be an int or hold one label per image ({count}), got shape "
-                                 f"{tuple(cam_label.shape)}")
-        if view_label is not None and not isinstance(view_label, int):
-            view_label = torch.as_tensor(view_label)
-            if view_label.dim() != 1 or view_label.shape[0] != count:
-                raise InputError(f"view_label must be an int or hold one label per image ({count}), got shape "
-                                 f"{tuple(view_label.shape)}")
-        return cam_label, view_label, None
+        labels = []
+        for name, label in (("cam_label", cam_label), ("view_label", view_label)):
+            if label is not None and not isinstance(label, int):
+                label = torch.as_tensor(label)
+                if label.dim() != 1 or label.shape[0] != count:
+                    raise InputError(f"{name} must be an int or hold one label per image ({count}), got shape "
+                                     f"{tuple(label.shape)}")
+            labels.append(label)
+        return labels[0], labels[1], None
 
     # -- embedding --------------------------------------------------------------------------------
 
@@ -243,7 +239,7 @@ class FeatureExtractor:
              view_label: CamLabel) -> torch.Tensor:
         cam, view, policy = self._labels(cam_label, view_label, count)
         out = torch.empty(count, self.feat_dim)
-        ctx = _table_policy(self.model.backbone, policy) if policy else contextlib.nullcontext()
+        ctx = _table_policy(self.model.backbone, self._table, policy) if policy and self._table else nullcontext()
         pending: list[torch.Tensor] = []
         start = 0
 

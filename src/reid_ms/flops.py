@@ -9,7 +9,7 @@ depend on the path that ran (the dense neck's window products, for one, would be
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -27,7 +27,8 @@ def _linear_flops(x_shape, *args: Any, out_shape: Any = None, **kwargs: Any) -> 
     return 2 * math.prod(out_shape) * x_shape[-1]
 
 
-_EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
+_EXTRA_FORMULAS: dict[Any, Callable[..., int]] = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
 for _namespace, _op in (("mkldnn", "_linear_pointwise"), ("mkl", "_mkl_linear")):
     if hasattr(getattr(torch.ops, _namespace), _op):  # a build without oneDNN / MKL lacks the op
         _EXTRA_FORMULAS[getattr(getattr(torch.ops, _namespace), _op)] = _linear_flops

@@ -214,7 +214,7 @@ class SupConLoss(nn.Module):
         return f"temperature={self.temperature}"
 
 
-def _per_branch(loss_fn, outputs: Outputs, pids: torch.Tensor) -> torch.Tensor:
+def _per_branch(loss_fn: nn.Module, outputs: Outputs, pids: torch.Tensor) -> torch.Tensor:
     """One loss over a model's output, or TransReID's JPM weighting over a sequence of branch outputs."""
     if isinstance(outputs, torch.Tensor):
         return loss_fn(outputs, pids)

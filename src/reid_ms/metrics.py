@@ -127,9 +127,10 @@ def _scaled(x: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(x.double(), -exponent.double())
 
 
-def _distances(q: torch.Tensor, g: torch.Tensor, metric: str, g_sq: torch.Tensor | None) -> torch.Tensor:
-    """``[Cq, G]`` distances; for ``euclidean`` the squared distance (same ranking, no square root)."""
-    if metric == "cosine":
+def _distances(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor | None) -> torch.Tensor:
+    """``[Cq, G]`` distances: cosine without ``g_sq`` (the gallery's squared norms), else the squared
+    euclidean distance (same ranking, no square root)."""
+    if g_sq is None:
         return 1.0 - q @ g.T
     q_sq = (q * q).sum(dim=1, keepdim=True)
     # |q - g|^2 expanded; rounding can push a true zero slightly below it.
@@ -173,8 +174,7 @@ def evaluate(
     if not isinstance(metric, str) or metric not in METRICS:
         raise InputError(f"metric must be one of {METRICS}, got {metric!r}")
     max_rank, chunk_size = _count(max_rank, "max_rank"), _count(chunk_size, "chunk_size")
-    q = _features(qf, "qf")
-    g = _features(gf, "gf")
+    q, g = _features(qf, "qf"), _features(gf, "gf")
     if q.shape[1] != g.shape[1]:
         raise InputError(f"query features are {q.shape[1]} wide but gallery features {g.shape[1]}; "
                          f"extract both with the same model")
@@ -205,7 +205,7 @@ def evaluate(
     positions = torch.arange(1, num_g + 1, device=q.device, dtype=torch.float64)
     for start in range(0, num_q, chunk_size):
         stop = min(start + chunk_size, num_q)
-        dist = _distances(q[start:stop], g, metric, g_sq) if reranked is None else reranked[start:stop].to(q.device)
+        dist = _distances(q[start:stop], g, g_sq) if reranked is None else reranked[start:stop].to(q.device)
         order = torch.sort(dist, dim=1, stable=True).indices                      # [C, G]
         ranked_pids, ranked_cams = g_pids_t[order], g_cams_t[order]
         same_pid = ranked_pids == q_pids_t[start:stop, None]

@@ -34,11 +34,12 @@ def input_config(model: nn.Module, mean: Sequence[float] = REID_MEAN, std: Seque
         with nothing cropped), as re-ID test loaders do.
     """
     backbone = getattr(model, "backbone", model)
-    if not hasattr(backbone, "img_size") or not hasattr(backbone, "in_chans"):
+    in_chans, img_size = getattr(backbone, "in_chans", None), getattr(backbone, "img_size", None)
+    if in_chans is None or img_size is None:
         raise ConfigError(f"{type(model).__name__} has no backbone with img_size and in_chans; expected a model "
                           f"from reid_ms.build or a reid_ms backbone")
     return {
-        "input_size": (int(backbone.in_chans), *map(int, backbone.img_size)),
+        "input_size": (int(in_chans), *map(int, img_size)),
         "mean": tuple(float(m) for m in mean),
         "std": tuple(float(s) for s in std),
         "interpolation": interpolation,

@@ -12,33 +12,26 @@ squared Euclidean distance (``"euclidean"``), as in :func:`reid_ms.metrics.evalu
 
 from __future__ import annotations
 
-from typing import Union
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from reid_ms.errors import ConfigError, InputError
+from reid_ms.rerank import ArrayLike, _as_features
 
 __all__ = ["topk", "FaissIndex", "SEARCH_METRICS"]
 
-ArrayLike = Union[torch.Tensor, np.ndarray]
 SEARCH_METRICS = ("cosine", "euclidean")
 
 
 def _prepare(x: ArrayLike, name: str, metric: str, normalise: bool = True) -> torch.Tensor:
-    t = torch.as_tensor(x)
-    if t.dim() != 2 or t.shape[0] == 0 or not t.is_floating_point():
-        raise InputError(f"{name} must be a non-empty 2-D float array [N, D], got shape {tuple(t.shape)} {t.dtype}")
-    t = t.float()
-    if not bool(torch.isfinite(t).all()):
-        raise InputError(f"{name} contains NaN or infinite values")
+    if metric not in SEARCH_METRICS:
+        raise InputError(f"metric must be one of {SEARCH_METRICS}, got {metric!r}")
+    t = _as_features(x, name)
     return F.normalize(t, dim=1) if metric == "cosine" and normalise else t
 
 
-def _check(metric: str, k: int, num_g: int) -> None:
-    if metric not in SEARCH_METRICS:
-        raise InputError(f"metric must be one of {SEARCH_METRICS}, got {metric!r}")
+def _check_k(k: int, num_g: int) -> None:
     if not 1 <= k <= num_g:
         raise InputError(f"k must be in [1, {num_g}] (the gallery size), got {k}")
 
@@ -57,12 +50,10 @@ def topk(qf: ArrayLike, gf: ArrayLike, k: int = 10, metric: str = "cosine", quer
     Returns:
         ``(distances [Q, k] float32, indices [Q, k] int64)``, nearest first.
     """
-    if metric not in SEARCH_METRICS:
-        raise InputError(f"metric must be one of {SEARCH_METRICS}, got {metric!r}")
     q = _prepare(qf, "qf", metric)
     # the gallery is normalised a block at a time: no second gallery-sized copy
     g = _prepare(gf, "gf", metric, normalise=False).to(q.device)
-    _check(metric, k, g.shape[0])
+    _check_k(k, g.shape[0])
     if q.shape[1] != g.shape[1]:
         raise InputError(f"query features are {q.shape[1]} wide but gallery features {g.shape[1]}")
     if query_chunk < 1 or gallery_chunk < 1:
@@ -74,8 +65,9 @@ def topk(qf: ArrayLike, gf: ArrayLike, k: int = 10, metric: str = "cosine", quer
     out_i = torch.empty(num_q, k, dtype=torch.long)
     for qs in range(0, num_q, query_chunk):
         block = q[qs:qs + query_chunk]
-        q_sq = (block * block).sum(dim=1, keepdim=True) if g_sq is not None else None
-        best_d = best_i = None
+        q_sq = (block * block).sum(dim=1, keepdim=True)
+        # the k best so far, merged with each gallery block's k best
+        best_d, best_i = block.new_empty(len(block), 0), torch.empty(len(block), 0, dtype=torch.long, device=q.device)
         for gs in range(0, num_g, gallery_chunk):
             part = g[gs:gs + gallery_chunk]
             if g_inv is not None:
@@ -84,14 +76,10 @@ def topk(qf: ArrayLike, gf: ArrayLike, k: int = 10, metric: str = "cosine", quer
                 d = torch.addmm(torch.ones(()), block, part.T, beta=1.0, alpha=-1.0)       # 1 - cos
             else:
                 d = torch.addmm(q_sq + g_sq[None, gs:gs + gallery_chunk], block, part.T, alpha=-2.0).clamp_min_(0.0)
-            kk = min(k, d.shape[1])
-            d, i = d.topk(kk, dim=1, largest=False, sorted=False)
-            i += gs
-            if best_d is not None:
-                d, i = torch.cat([best_d, d], dim=1), torch.cat([best_i, i], dim=1)
-                d, pick = d.topk(min(k, d.shape[1]), dim=1, largest=False, sorted=False)
-                i = i.gather(1, pick)
-            best_d, best_i = d, i
+            d, i = d.topk(min(k, d.shape[1]), dim=1, largest=False, sorted=False)
+            d, i = torch.cat([best_d, d], dim=1), torch.cat([best_i, i + gs], dim=1)
+            best_d, pick = d.topk(min(k, d.shape[1]), dim=1, largest=False, sorted=False)
+            best_i = i.gather(1, pick)
         # nearest first; equal distances by gallery index, as a stable sort of the full row would give
         order = torch.argsort(best_i, dim=1)
         best_d, best_i = best_d.gather(1, order), best_i.gather(1, order)
@@ -118,8 +106,6 @@ class FaissIndex:
         except ImportError as exc:
             raise ConfigError(f"FaissIndex needs the package faiss-cpu ({exc}); pip install 'reid-ms[faiss]', or use "
                               f"reid_ms.search.topk (exact, no extra package)") from exc
-        if metric not in SEARCH_METRICS:
-            raise InputError(f"metric must be one of {SEARCH_METRICS}, got {metric!r}")
         g = _prepare(gf, "gf", metric).cpu().contiguous().numpy()
         self.metric = metric
         self.dim = g.shape[1]
@@ -133,7 +119,7 @@ class FaissIndex:
 
     def search(self, qf: ArrayLike, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
         """``(distances [Q, k] float32, indices [Q, k] int64)`` of the ``k`` nearest gallery entries, nearest first."""
-        _check(self.metric, k, self.size)
+        _check_k(k, self.size)
         q = _prepare(qf, "qf", self.metric).cpu().contiguous().numpy()
         if q.shape[1] != self.dim:
             raise InputError(f"query features are {q.shape[1]} wide but the index holds {self.dim}-wide features")

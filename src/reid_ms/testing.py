@@ -25,7 +25,7 @@ Needs hypothesis: ``pip install "reid-ms[testing]"``.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -114,8 +114,7 @@ def geometries(draw: Any, min_side: int = 16, max_side: int = 96, patch_sizes: S
 
 def grids(max_side: int = 24, min_side: int = 1) -> st.SearchStrategy[tuple[int, int]]:
     """Patch grids ``(H, W)``, each side in ``[min_side, max_side]``: what a neck must take."""
-    side = st.integers(min_side, max_side)
-    return st.tuples(side, side)
+    return image_sizes(min_side, max_side)
 
 
 def widths(min_value: int = 1, max_value: int = 64, multiple_of: int = 1) -> st.SearchStrategy[int]:
@@ -175,15 +174,6 @@ def _refuses(call: Any) -> bool:
 def _same_per_image(batched: torch.Tensor, single: list[torch.Tensor], rtol: float) -> bool:
     scale = float(batched.abs().max()) or 1.0
     return all(torch.allclose(batched[i:i + 1], s, rtol=rtol, atol=rtol * scale) for i, s in enumerate(single))
-
-
-def _first_uncovered(grad: torch.Tensor, rows: int, cols: int) -> tuple[int, int] | None:
-    """The first pixel (row, col) of the top-left ``rows x cols`` region whose gradient is zero everywhere."""
-    dead = grad.abs().sum(dim=(0, 1))[:rows, :cols] == 0
-    if not bool(dead.any()):
-        return None
-    r, c = (int(v) for v in dead.nonzero()[0])
-    return r, c
 
 
 def check_backbone(module: nn.Module, batch_size: int = 2, seed: int = 0, rtol: float = 1e-4) -> None:
@@ -290,14 +280,15 @@ def _check_pixels_reach_output(module: nn.Module, owner: str, x: torch.Tensor, k
     else:  # pixels right of / below the last patch are legitimately unused
         (ph, pw), (sh, sw) = pair(patch, "patch_size"), pair(stride, "stride_size")
         rows, cols = (grid[0] - 1) * sh + ph, (grid[1] - 1) * sw + pw
-    dead = _first_uncovered(grad, rows, cols)
-    if dead is not None:
-        raise _fail(owner, f"the pixel at row {dead[0]}, column {dead[1]} lies under a patch but never reaches "
-                           f"the output (zero gradient): patches there are dropped or the image is cropped")
+    dead = (grad.abs().sum(dim=(0, 1))[:rows, :cols] == 0).nonzero()
+    if len(dead):
+        raise _fail(owner, f"the pixel at row {int(dead[0, 0])}, column {int(dead[0, 1])} lies under a patch but "
+                           f"never reaches the output (zero gradient): patches there are dropped or the image is "
+                           f"cropped")
 
 
 def _check_labels(module: nn.Module, owner: str, x: torch.Tensor, camera_num: int, view_num: int,
-                  label_kwargs: Any) -> None:
+                  label_kwargs: Callable[[int, int], dict[str, Any]]) -> None:
     with torch.no_grad():
         for name, count in (("cam_label", camera_num), ("view_label", view_num)):
             valid = label_kwargs(0, 0)
@@ -351,9 +342,9 @@ def check_neck(module: nn.Module, grid_sizes: Sequence[tuple[int, int]] = ((1, 1
     whether the CLS sees the patches, so the checks run on a copy whose all-zero parameters are random.
     """
     owner = type(module).__name__
-    if not isinstance(getattr(module, "feat_dim", None), int):
+    width = getattr(module, "feat_dim", None)
+    if not isinstance(width, int):
         raise _fail(owner, "has no int 'feat_dim' attribute (the token width it takes)")
-    width: int = module.feat_dim  # type: ignore[assignment]
     neck = _randomise_zero_parameters(module, seed)
     param = next(neck.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32

@@ -36,7 +36,7 @@ def _crop(path: str | os.PathLike, size: tuple[int, int], colour: tuple[int, int
     h, w = size
     try:
         with Image.open(path) as img:
-            inner = img.convert("RGB").resize((w, h), Image.BILINEAR)
+            inner = img.convert("RGB").resize((w, h), Image.Resampling.BILINEAR)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot read image {str(path)!r}: {exc}") from exc
     framed = Image.new("RGB", (w + 2 * BORDER, h + 2 * BORDER), colour)
@@ -94,7 +94,7 @@ def show_ranks(
     draw = ImageDraw.Draw(canvas)
     for r in range(rows):
         order = torch.argsort(d[r], stable=True)
-        if q_c is not None:
+        if q_c is not None and g_c is not None:
             junk = (g_p[order] == q_p[r]) & (g_c[order] == q_c[r])
             order = order[~junk]
         y = r * (tile_h + label_h)

@@ -22,7 +22,7 @@ from typing import NamedTuple, Union
 import torch
 from torch.utils.data import Dataset
 
-from reid_ms.data.folder import JUNK_PID, list_images, read_image
+from reid_ms.data.folder import _MARKET_NAME, JUNK_PID, list_images, read_image
 from reid_ms.errors import InputError
 
 __all__ = ["ReidSample", "ReidDataset", "ImageDataset", "load_dataset", "DATASETS"]
@@ -134,8 +134,8 @@ _MAX_CAMERA = {"market1501": 6, "dukemtmc": 8, "occ_duke": 8, "msmt17": 15, "ver
 
 # RGBNT201's modality folders, by the names the multi-modal models take
 _RGBNT_FOLDERS = {"rgb": "RGB", "nir": "NI", "tir": "TI"}
+_MARKET_FOLDERS = ("bounding_box_train", "query", "bounding_box_test")
 
-_NAME_ID_CAM = re.compile(r"^(-?\d+)_c(\d+)")           # Market-1501, DukeMTMC, Occluded-Duke, VeRi
 _RGBNT_NAME = re.compile(r"^(\d+)_cam(\d)")              # 000001_cam1_0_00.jpg
 _MSMT_CAM = re.compile(r"^\d+_\d+_(\d+)_")              # 0000_000_01_0303morning_0015_0.jpg
 
@@ -180,7 +180,7 @@ def _named_folder(name: str, folder: Path, views: Mapping[str, int] | None = Non
     """``<pid>_c<camera>...`` files of one folder; junk dropped; views looked up by file name if given."""
     samples, unviewed = [], 0
     for path in list_images(folder):
-        found = _NAME_ID_CAM.match(path.name)
+        found = _MARKET_NAME.match(path.name)  # Market-1501, DukeMTMC, Occluded-Duke, VeRi
         if found is None:
             raise InputError(f"cannot read person and camera from {str(path)!r}; {_LAYOUTS[name].title} names "
                              f"files '<id>_c<camera>...', e.g. '0002_c002_00030600_0.jpg'")
@@ -205,10 +205,10 @@ def _named_folder(name: str, folder: Path, views: Mapping[str, int] | None = Non
     return samples
 
 
-def _market_like(name: str, base: Path) -> tuple[list, list, list]:
-    layout = _LAYOUTS[name]
-    train, query, gallery = (_named_folder(name, _require_dir(base / sub, layout))
-                             for sub in ("bounding_box_train", "query", "bounding_box_test"))
+def _named_splits(name: str, base: Path, folders: tuple[str, str, str] = _MARKET_FOLDERS,
+                  views: Mapping[str, int] | None = None) -> tuple[list, list, list]:
+    """Training, query and gallery from the ``<pid>_c<camera>...`` files of ``folders``."""
+    train, query, gallery = (_named_folder(name, _require_dir(base / sub, _LAYOUTS[name]), views) for sub in folders)
     return train, query, gallery
 
 
@@ -235,14 +235,6 @@ def _veri_views(base: Path) -> dict[str, int] | None:
     if min(views.values()) < 0:
         raise InputError(f"VeRi-776: view ids in {base} must be >= 0, got {min(views.values())}")
     return views
-
-
-def _veri(base: Path) -> tuple[list, list, list]:
-    layout = _LAYOUTS["veri"]
-    views = _veri_views(base)
-    train, query, gallery = (_named_folder("veri", _require_dir(base / sub, layout), views)
-                             for sub in ("image_train", "image_query", "image_test"))
-    return train, query, gallery
 
 
 def _msmt_list(base: Path, folder: str, list_name: str) -> list[ReidSample]:
@@ -304,12 +296,12 @@ def _rgbnt201(base: Path) -> tuple[list, list, list]:
 
 
 _READERS: dict[str, Callable[[Path], tuple[list, list, list]]] = {
-    "market1501": lambda base: _market_like("market1501", base),
-    "dukemtmc": lambda base: _market_like("dukemtmc", base),
-    "occ_duke": lambda base: _market_like("occ_duke", base),
-    "folder": lambda base: _market_like("folder", base),
+    "market1501": lambda base: _named_splits("market1501", base),
+    "dukemtmc": lambda base: _named_splits("dukemtmc", base),
+    "occ_duke": lambda base: _named_splits("occ_duke", base),
+    "folder": lambda base: _named_splits("folder", base),
     "msmt17": _msmt17,
-    "veri": _veri,
+    "veri": lambda base: _named_splits("veri", base, ("image_train", "image_query", "image_test"), _veri_views(base)),
     "rgbnt201": _rgbnt201,
 }
 

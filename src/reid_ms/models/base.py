@@ -16,6 +16,7 @@ from reid_ms.backbones._common import Label
 from reid_ms.errors import ConfigError
 from reid_ms.heads.bnneck import BNNeckBase, BNNeckHead
 from reid_ms.necks import DimAdapter, MultiScaleSlidingWindow
+from reid_ms.preprocess import input_config
 from reid_ms.weights._common import LoadReport
 
 LABELS = ("cam_label", "view_label")
@@ -27,14 +28,18 @@ def label_counts(backbone: nn.Module) -> dict[str, int]:
     return {name: n for name, n in counts.items() if n > 0}
 
 
+def label_inputs(backbone: nn.Module, cams: torch.Tensor, views: torch.Tensor,
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """``cam_label`` / ``view_label`` ``[B]`` on ``device`` for the tables ``backbone`` has (a model without a
+    table rejects its label)."""
+    return {name: t.to(device) for name, t in zip(LABELS, (cams, views)) if name in label_counts(backbone)}
+
+
 def random_inputs(backbone: nn.Module, image_names: tuple[str, ...], batch: int,
                   generator: Optional[torch.Generator], device: torch.device) -> dict[str, torch.Tensor]:
     """Random images ``[batch, C, img_h, img_w]`` under each of ``image_names`` and in-range labels ``[batch]``."""
-    if not hasattr(backbone, "img_size") or not hasattr(backbone, "in_chans"):
-        raise ConfigError(f"cannot make inputs for {type(backbone).__name__}: expected a reid_ms model "
-                          f"(reid_ms.build) or backbone with img_size and in_chans attributes")
-    inputs = {name: torch.randn(batch, backbone.in_chans, *backbone.img_size, generator=generator)
-              for name in image_names}
+    shape = input_config(backbone)["input_size"]  # a ConfigError without img_size and in_chans
+    inputs = {name: torch.randn(batch, *shape, generator=generator) for name in image_names}
     for name, count in label_counts(backbone).items():
         inputs[name] = torch.randint(0, count, (batch,), generator=generator)
     # drawn on the CPU (so a seed gives the same inputs everywhere), then moved to the model
@@ -124,12 +129,11 @@ class BuiltModel(nn.Module):
         """Tokens ``[B, 1 + H*W, token_dim]`` with the neck's context added to the CLS (no neck: as they are)."""
         return tokens if self.neck is None else self.neck(tokens, self.grid_size)
 
-    def forward_features(self, images: torch.Tensor, cam_label: Label = None,
-                         view_label: Label = None) -> torch.Tensor:
+    def forward_features(self, images: Any, cam_label: Label = None, view_label: Label = None) -> Any:
         """Images ``[B, C, img_h, img_w]`` -> every token after the neck ``[B, 1 + H*W, token_dim]``, CLS first."""
         return self.with_neck(self.tokens(images, cam_label, view_label))
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+    def pool(self, tokens: Any) -> torch.Tensor:
         """Tokens from :meth:`forward_features` -> the feature the head takes: the CLS ``[B, token_dim]``."""
         return tokens[:, 0]
 

@@ -20,8 +20,8 @@ MISSING = ("error", "zeros")
 
 def _repeat_label(label: Label, batch: int, times: int, name: str) -> Label:
     """Per-image labels for the ``times`` modality batches stacked into one backbone call."""
-    per_image = isinstance(label, torch.Tensor) and label.dim() == 1
-    if per_image or isinstance(label, Sequence) and not isinstance(label, str):
+    if (isinstance(label, torch.Tensor) and label.dim() == 1
+            or isinstance(label, Sequence) and not isinstance(label, str)):
         # shape[0], not len(): len() would fix the batch size of a torch.export graph
         count = label.shape[0] if isinstance(label, torch.Tensor) else len(label)
         if count != batch:
@@ -56,7 +56,7 @@ class MultiModalReIDModel(BuiltModel):
             on all modalities can be evaluated on fewer with the same embedding width.
     """
 
-    image_names = MODALITIES
+    image_names: tuple[str, ...] = MODALITIES
 
     def __init__(self, backbone: nn.Module, neck: Optional[MultiScaleSlidingWindow] = None, *, num_classes: int = 0,
                  neck_feat: str = "before", modalities: Sequence[str] = MODALITIES, missing: str = "error") -> None:

@@ -23,7 +23,7 @@ from reid_ms.errors import CheckpointError, CheckpointNotFoundError
 __all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "write_jsonl", "rng_state", "set_rng_state"]
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Call ``write(file)`` on a temporary file next to ``path``, sync it and rename it to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -77,12 +77,13 @@ def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 def rng_state() -> dict[str, Any]:
     """The states of torch's, NumPy's and Python's global generators, as ``weights_only``-loadable values."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = np.random.get_state(legacy=False)
+    mt = numpy_state["state"]  # MT19937's {"key": [624] uint32, "pos": int}
     version, words, gauss_next = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached)},
+        "numpy": {"keys": torch.from_numpy(mt["key"].astype(np.int64)), "pos": int(mt["pos"]),
+                  "has_gauss": int(numpy_state["has_gauss"]), "cached_gaussian": float(numpy_state["gauss"])},
         "python": {"version": version, "words": list(words), "gauss_next": gauss_next},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():

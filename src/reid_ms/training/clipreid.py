@@ -29,6 +29,7 @@ from reid_ms.backbones.clip import ClipVisual
 from reid_ms.backbones.clip_text import ClipText, PromptLearner, template_for
 from reid_ms.clipreid import Stage1Config, extract_image_features, image_to_text_loss, learn_prompts
 from reid_ms.errors import ConfigError
+from reid_ms.models.base import BuiltModel, label_inputs
 from reid_ms.training.checkpoint import write_jsonl
 from reid_ms.training.curves import plot_curves
 from reid_ms.training.recipes import TrainHook
@@ -51,7 +52,7 @@ class ClipReidTextStage(TrainHook):
         self.text_features: Optional[torch.Tensor] = None
         self.cls_ctx: Optional[torch.Tensor] = None
         self.stage1_history: list[dict[str, Any]] = []
-        self._restored = False
+        self._resumed: Optional[torch.Tensor] = None  # the text features of a resumed run's checkpoint
         self._backbone_cls: Optional[torch.Tensor] = None
         self._handle: Any = None
 
@@ -59,16 +60,15 @@ class ClipReidTextStage(TrainHook):
 
     def before_training(self, context: TrainContext) -> None:
         recipe, model, device = context.recipe, context.model, context.device
-        backbone = getattr(model, "backbone", None)
-        if not isinstance(backbone, ClipVisual) or not hasattr(model, "forward_features"):
+        backbone = model.backbone
+        if not isinstance(backbone, ClipVisual):
             raise ConfigError(f"the clipreid recipe trains a CLIP image encoder with one feature per image "
                               f"(clip_b16, clip_b16_ms, clip_b16_adapt_ms, ...); this model is a "
                               f"{type(model).__name__} on a {type(backbone).__name__}")
         text_dim = backbone.output_dim
         self._watch_backbone(model, text_dim)
-        if self._restored:
-            self._restored = False
-            self.text_features = self.text_features.to(device)
+        if self._resumed is not None:
+            self.text_features, self._resumed = self._resumed.to(device), None
             logger.info("clipreid: the prompts of the resumed run are kept (stage 1 is not run again)")
             return
         text = ClipText(width=recipe.text_width, layers=recipe.text_layers, heads=recipe.text_heads,
@@ -99,7 +99,7 @@ class ClipReidTextStage(TrainHook):
         logger.info("clipreid: stage 1 done, %d epochs, loss %.4f -> %.4f", len(rows), rows[0]["loss"],
                     rows[-1]["loss"])
 
-    def _watch_backbone(self, model: torch.nn.Module, text_dim: int) -> None:
+    def _watch_backbone(self, model: BuiltModel, text_dim: int) -> None:
         """Keep the backbone's projected CLS of each step when the head's feature is not text-wide."""
         if self._handle is not None:
             self._handle.remove()
@@ -117,8 +117,7 @@ class ClipReidTextStage(TrainHook):
                             pin_memory=device.type == "cuda")
 
         def encode(images: torch.Tensor, cams: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
-            labels = dict(cam_label=cams.to(device) if backbone.camera_num > 0 else None,
-                          view_label=views.to(device) if backbone.view_num > 0 else None)
+            labels = label_inputs(backbone, cams, views, device)
             if model.feat_dim == text_dim:
                 return model.forward_head(model.forward_features(images, **labels), pre_logits=True)
             return backbone(images, **labels)[:, 0]
@@ -137,12 +136,13 @@ class ClipReidTextStage(TrainHook):
             raise ConfigError("the clipreid recipe's image-to-text loss takes one feature per image; this model "
                               "returns several (a JPM model)")
         image = features if self._handle is None else self._backbone_cls
+        assert image is not None and self.text_features is not None  # by the forward hook and before_training
         return context.recipe.i2t_weight * image_to_text_loss(image.float(), self.text_features, pids)
 
     # -- resume --------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        if self.text_features is None:
+        if self.text_features is None or self.cls_ctx is None:
             return {}
         return {"text_features": self.text_features.cpu(), "cls_ctx": self.cls_ctx.cpu(),
                 "stage1": self.stage1_history}
@@ -150,8 +150,7 @@ class ClipReidTextStage(TrainHook):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        self.text_features = state["text_features"]
+        self.text_features = self._resumed = state["text_features"]
         self.cls_ctx = state["cls_ctx"]
         self.stage1_history = list(state["stage1"])
-        self._restored = True
 

@@ -33,10 +33,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from reid_ms import data, losses, optim
+from reid_ms._validate import positive_int
 from reid_ms.distributed import convert_sync_batchnorm
 from reid_ms.errors import ConfigError, InputError
 from reid_ms.metrics import evaluate
-from reid_ms.models import MultiModalReIDModel
+from reid_ms.models import BuiltModel, MultiModalReIDModel
+from reid_ms.models.base import label_inputs
 from reid_ms.registry import _part_args, build, get_spec
 from reid_ms.training.checkpoint import (
     atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_jsonl,
@@ -70,7 +72,7 @@ class TrainContext:
         pretrained: the checkpoint the model was built from (``None``: none), for hooks that build more.
     """
 
-    model: nn.Module
+    model: BuiltModel
     dataset: Any
     recipe: Recipe
     device: torch.device
@@ -91,7 +93,7 @@ class TrainResult:
         out: the run folder; ``checkpoint`` is ``out / "last.pt"``.
     """
 
-    model: nn.Module
+    model: BuiltModel
     history: list[dict[str, Any]]
     out: Path
     checkpoint: Path
@@ -158,10 +160,7 @@ def train(
         raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if amp is not None and amp not in AMP_DTYPES:
         raise ConfigError(f"amp must be one of {tuple(AMP_DTYPES)} or None, got {amp!r}")
-    if not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed must be an int >= 0, got {seed!r}")
-    if not isinstance(workers, int) or workers < 0:
-        raise ConfigError(f"workers must be an int >= 0, got {workers!r}")
+    seed, workers = positive_int(seed, "seed", minimum=0), positive_int(workers, "workers", minimum=0)
 
     rank, world, dev, own_group = _distributed(device)
     try:
@@ -244,12 +243,6 @@ def _to(images: Any, device: torch.device) -> Any:
     return images.to(device, non_blocking=True)
 
 
-def _labels(model: nn.Module, cams: torch.Tensor, views: torch.Tensor, device: torch.device) -> dict[str, Any]:
-    # only tables the model was built with take labels; a model without one rejects them
-    return dict(cam_label=cams.to(device) if model.backbone.camera_num > 0 else None,
-                view_label=views.to(device) if model.backbone.view_num > 0 else None)
-
-
 class _Run:
     """One training run: builds everything in ``__init__``, trains in :meth:`fit`."""
 
@@ -272,12 +265,10 @@ class _Run:
 
         self.data = data.load_dataset(dataset, root)
         self.build_args = dict(build_args)
-        cams = [s.camid for split in (self.data.train, self.data.query, self.data.gallery) for s in split]
-        views = [s.viewid for split in (self.data.train, self.data.query, self.data.gallery) for s in split]
-        if recipe.camera_embedding and "camera_num" not in build_args and max(cams) > 0:
-            self.build_args["camera_num"] = max(cams) + 1
-        if recipe.view_embedding and "view_num" not in build_args and max(views) > 0:
-            self.build_args["view_num"] = max(views) + 1
+        if recipe.camera_embedding and "camera_num" not in build_args and self.data.num_train_cams > 1:
+            self.build_args["camera_num"] = self.data.num_train_cams
+        if recipe.view_embedding and "view_num" not in build_args and self.data.num_train_views > 1:
+            self.build_args["view_num"] = self.data.num_train_views
 
         _seed_all(seed)
         model = build(name, pretrained=pretrained, num_classes=self.data.num_train_pids, **self.build_args)
@@ -313,26 +304,20 @@ class _Run:
         groups = optim.param_groups(model, base_lr=recipe.lr, weight_decay=recipe.weight_decay,
                                     bias_lr_factor=recipe.bias_lr_factor, weight_decay_bias=recipe.weight_decay_bias,
                                     large_fc_lr=recipe.large_fc_lr)
-        if recipe.optimizer == "sgd":
-            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum)
-        else:
-            self.optimizer = torch.optim.Adam(groups, lr=recipe.lr)
+        self.optimizer: torch.optim.Optimizer = (
+            torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum) if recipe.optimizer == "sgd"
+            else torch.optim.Adam(groups, lr=recipe.lr))
         # metrics.jsonl's "lr" is that of a group at the recipe's lr (not a bias group at bias_lr_factor x)
         self.lr_group = next((i for i, g in enumerate(self.optimizer.param_groups) if g["lr"] == recipe.lr), 0)
-        if recipe.scheduler == "cosine":
-            self.scheduler = optim.build_scheduler(self.optimizer, "cosine", epochs=recipe.epochs,
-                                                   warmup_epochs=recipe.warmup_epochs)
-        else:
-            self.scheduler = optim.build_scheduler(self.optimizer, "warmup_multistep", epochs=recipe.epochs,
-                                                   milestones=recipe.milestones, gamma=recipe.gamma,
-                                                   warmup_factor=recipe.warmup_factor, warmup_iters=recipe.warmup_iters)
+        self.scheduler = optim.build_scheduler(
+            self.optimizer, recipe.scheduler, epochs=recipe.epochs, warmup_epochs=recipe.warmup_epochs,
+            milestones=recipe.milestones, gamma=recipe.gamma, warmup_factor=recipe.warmup_factor,
+            warmup_iters=recipe.warmup_iters)
         self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
         pids = [s.pid for s in self.data.train]
-        if world > 1:
-            self.sampler = data.DistributedRandomIdentitySampler(pids, recipe.batch_size, recipe.num_instances,
-                                                                 num_replicas=world, rank=rank, seed=seed)
-        else:
-            self.sampler = data.RandomIdentitySampler(pids, recipe.batch_size, recipe.num_instances, seed=seed)
+        # with one replica, the plain P x K sampler
+        self.sampler = data.DistributedRandomIdentitySampler(pids, recipe.batch_size, recipe.num_instances,
+                                                             num_replicas=world, rank=rank, seed=seed)
         img_size = tuple(model.backbone.img_size)
         self.train_set = data.ImageDataset(self.data.train, data.train_transform(
             img_size=img_size, flip_prob=recipe.flip_prob, padding=recipe.padding, erase_prob=recipe.erase_prob))
@@ -406,7 +391,8 @@ class _Run:
         for images, pids, cams, views in bar:
             pids = pids.to(device, non_blocking=True)
             with self.autocast():
-                logits, features = self.wrapped(_to(images, device), **_labels(self.model, cams, views, device))
+                logits, features = self.wrapped(_to(images, device),
+                                                **label_inputs(self.model.backbone, cams, views, device))
                 loss = self.criterion(logits, features, pids)
                 for hook in recipe.hooks:
                     extra = hook.extra_loss(self.context, logits, features, pids)
@@ -462,7 +448,7 @@ class _Run:
 
     def _evaluate_all(self, epoch: int) -> dict[str, float]:
         """mAP / CMC of query against gallery (rank 0 computes; the others get the numbers)."""
-        scores = [None]
+        scores: list[dict[str, float]] = [{}]  # rank 0's, broadcast to the others
         if self.rank == 0:
             qf, q_pids, q_cams = self._features(self.data.query, f"query (epoch {epoch})")
             gf, g_pids, g_cams = self._features(self.data.gallery, f"gallery (epoch {epoch})")
@@ -481,7 +467,8 @@ class _Run:
         with torch.inference_mode():
             for images, pid, cam, view in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not self.progress):
                 with self.autocast():
-                    emb = self.model(_to(images, self.device), **_labels(self.model, cam, view, self.device))
+                    emb = self.model(_to(images, self.device),
+                                     **label_inputs(self.model.backbone, cam, view, self.device))
                 feats.append(emb.float().cpu())
                 pids.append(pid)
                 cams.append(cam)

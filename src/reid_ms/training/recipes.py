@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from reid_ms._validate import positive_int
 from reid_ms.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -121,9 +122,7 @@ class Recipe:
             raise ConfigError(f"recipe {self.name!r}: scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         for key in ("epochs", "batch_size", "num_instances", "stage1_epochs", "stage1_batch_size", "text_width",
                     "text_layers", "text_heads"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"recipe {self.name!r}: {key} must be an int >= 1, got {value!r}")
+            positive_int(getattr(self, key), key, owner=f"recipe {self.name!r}")
         if self.batch_size % self.num_instances:
             raise ConfigError(f"recipe {self.name!r}: batch_size {self.batch_size} is not a multiple of "
                               f"num_instances {self.num_instances} (a batch is whole groups of one identity)")
