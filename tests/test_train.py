@@ -133,13 +133,14 @@ def test_resume_after_sigkill_mid_epoch_is_bit_identical(market, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": str(threads)}
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "reid_ms.cli", "train", "vit_b16", "--out", str(killed), *common],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 120
     while not (killed / "last.pt").exists():
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline, "no checkpoint within 120 s"
         time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
+    # the whole job, its data-loader worker too: a worker orphaned while blocked on a full queue never exits
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert torch.load(killed / "last.pt", weights_only=True)["epoch"] == 1    # killed inside epoch 2
