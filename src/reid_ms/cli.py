@@ -84,9 +84,11 @@ def _build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _weights_path(weights: Optional[str]) -> Optional[Path]:
-    if weights is not None and not Path(weights).is_file():
+    if weights is None:
+        return None
+    if not Path(weights).is_file():
         raise CheckpointNotFoundError(f"--weights {weights!r} does not exist or is not a file")
-    return None if weights is None else Path(weights)
+    return Path(weights)
 
 
 def _annotations(name: str) -> dict[str, Any]:

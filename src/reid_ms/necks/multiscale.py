@@ -128,9 +128,9 @@ class MultiScaleSlidingWindow(nn.Module):
     def reset_parameters(self) -> None:
         """Zero the layer writing into the CLS (see the class docstring); default init elsewhere."""
         if self.pointwise is not None:
-            for window in self.windows.modules():
-                if isinstance(window, nn.Conv2d):
-                    window.reset_parameters()
+            for window in self.windows:
+                assert isinstance(window, nn.Conv2d)  # for the type checker: the windows are convolutions
+                window.reset_parameters()
         for param in (self.windows if self.pointwise is None else self.pointwise).parameters():
             nn.init.zeros_(param)
 

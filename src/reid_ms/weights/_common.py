@@ -8,19 +8,21 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reid_ms.backbones.clip import ClipVisual
-from reid_ms.backbones.vit import VitTrans
 from reid_ms.errors import CheckpointError
 from reid_ms.weights._io import read_checkpoint
 
-# the backbones whose position grid and camera/view table a file is fitted to
-GridBackbone = VitTrans | ClipVisual
+if TYPE_CHECKING:  # annotations only: the loaders need no backbone class at run time
+    from reid_ms.backbones.clip import ClipVisual
+    from reid_ms.backbones.vit import VitTrans
+
+    # the backbones whose position grid and camera/view table a file is fitted to
+    GridBackbone: TypeAlias = VitTrans | ClipVisual
 
 logger = logging.getLogger("reid_ms.weights")
 
